@@ -1,0 +1,1 @@
+"""Dataset adapters (MMSA raw layout, segments of long videos, folder of videos) and the demo data."""

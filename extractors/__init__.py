@@ -1,0 +1,1 @@
+"""Front-ends: decoding, face detection and crops, log-mel, tokenization, pretrained CNNs."""

@@ -1,0 +1,1 @@
+"""EMT-DLFR, baselines, losses and metrics."""

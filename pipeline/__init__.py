@@ -1,0 +1,1 @@
+"""Orchestration: CLI, config models, manifest, extraction, shards, training, evaluation, reports."""

@@ -1,0 +1,46 @@
+"""The `msaflow` command line: one subcommand per pipeline step.
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
+``main(args) -> int``. Modules are imported only when their command runs, so
+``msaflow --help`` stays fast and a broken optional dependency breaks one command only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module under msaflow.pipeline, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "manifest": ("manifest", "read a dataset and write the normalized clip manifest"),
+    "extract": ("extract", "decode clips, detect faces, compute fbank/tokens (raw or features mode)"),
+    "shards": ("shards", "pack extracted clips into WebDataset shards per split"),
+    "frontends": ("frontends_cli", "list the registered front-ends and their weights"),
+    "train": ("train", "train EMT-DLFR or a baseline"),
+    "evaluate": ("evaluate", "metrics at every missing rate (or noise level) and their AUILC"),
+    "report": ("report", "robustness curves, face-crop contact sheet, failures, timings"),
+    "predict": ("predict", "sentiment score for one video with a trained checkpoint"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msaflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the command being run pays for its imports
+            importlib.import_module(f"msaflow.pipeline.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    module = importlib.import_module(f"msaflow.pipeline.{COMMANDS[args.command][0]}")
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
