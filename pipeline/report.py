@@ -1,0 +1,245 @@
+"""`msaflow report`: one page that says what a run did and how robust its model is.
+
+Sections: data summary (samples per split, clips left out, missing modalities), the
+failures table, robustness curves (every metric against the missing rate, one line per
+model), a contact sheet of face crops per split for visual QC, the run configuration and
+the time each workflow step took. Written as Markdown and as a self-contained HTML page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msaflow.pipeline.tario import atomic_path, decode_member, iter_tar_members
+
+CURVE_METRICS = ["MAE", "Corr", "Acc-2_non0", "F1_non0", "Acc-7", "Acc-5"]
+
+
+@dataclass
+class Section:
+    title: str
+    markdown: str  # body, Markdown
+    images: list[Path] = field(default_factory=list)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", required=True, type=Path, help="report folder (report.md, report.html, PNGs)")
+    p.add_argument("--shards", type=Path, help="shard folder (index.json per split, failures.csv, summary.json)")
+    p.add_argument("--metrics", type=Path, nargs="*", default=[],
+                   help="metrics.json files; the parent folder name labels each curve unless NAME=PATH is given")
+    p.add_argument("--config", type=Path, help="the run's config file, copied into the report")
+    p.add_argument("--timings", type=Path, help="folder of Snakemake benchmark .tsv files")
+    p.add_argument("--faces-per-split", type=int, default=16, help="clips per split in the contact sheet")
+    p.add_argument("--title", default="msaflow run report")
+
+
+# ---------------------------------------------------------------- tables and values
+def md_table(header: list[str], rows: list[list]) -> str:
+    cell = lambda v: "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metric_value(v) -> float | None:
+    """A metric as a float: plain numbers, or the mean of a {"mean", "std"} aggregate."""
+    if isinstance(v, dict):
+        v = v.get("mean")
+    return None if v is None else float(v)
+
+
+def fmt(v) -> str:
+    if isinstance(v, dict) and "mean" in v:
+        m, s = metric_value(v), v.get("std")
+        return "n/a" if m is None else (f"{m:.3f} ± {s:.3f}" if s is not None else f"{m:.3f}")
+    return "n/a" if v is None else f"{float(v):.3f}"
+
+
+def load_metrics(spec: str | Path) -> tuple[str, dict]:
+    spec = str(spec)
+    name, _, path = spec.partition("=") if "=" in spec else (None, "", spec)
+    path = Path(path)
+    return name or path.parent.name, json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- sections
+def data_section(shards: Path) -> Section:
+    rows = []
+    for index_path in sorted(shards.glob("*/index.json")):
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        rows.append([index["split"], index.get("mode"), index["n_samples"], len(index.get("shards", []))])
+    body = md_table(["split", "mode", "samples", "shards"], rows) if rows else "_no shards found_"
+    summary = shards / "summary.json"
+    if summary.is_file():
+        body += "\n\nSummary of the shard step:\n\n```json\n" + summary.read_text(encoding="utf-8").strip() + "\n```"
+    return Section("Data", body)
+
+
+def failures_section(shards: Path) -> Section:
+    path = shards / "failures.csv"
+    if not path.is_file():
+        return Section("Clips left out", "_no failures.csv_")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return Section("Clips left out", "None: every clip of the manifest is in the shards.")
+    header = list(rows[0].keys())
+    return Section("Clips left out", f"{len(rows)} clip(s) could not be used:\n\n"
+                   + md_table(header, [[r[h] for h in header] for r in rows]))
+
+
+def robustness_section(metrics: list[tuple[str, dict]], out: Path) -> Section:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, metric in zip(axes.flat, CURVE_METRICS):
+        for name, m in metrics:
+            rates = sorted(m["rates"], key=float)
+            ys = [metric_value(m["rates"][r].get(metric)) for r in rates]
+            xs = [float(r) for r, y in zip(rates, ys) if y is not None]
+            ax.plot(xs, [y for y in ys if y is not None], marker="o", label=name)
+        ax.set(title=metric, xlabel="missing rate")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "robustness.png"
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+    keys = CURVE_METRICS
+    rows = [[name, m.get("n_test")] + [fmt(m.get("AUILC", {}).get(k)) for k in keys] for name, m in metrics]
+    body = "AUILC (area under the metric-vs-missing-rate curve, trapezoid rule, step 0.1):\n\n"
+    body += md_table(["model", "n_test"] + keys, rows)
+    for name, m in metrics:
+        rates = sorted(m["rates"], key=float)
+        body += f"\n\n**{name}** per missing rate:\n\n" + md_table(
+            ["rate"] + keys, [[r] + [fmt(m["rates"][r].get(k)) for k in keys] for r in rates])
+    return Section("Robustness to missing features", body, [png])
+
+
+def first_faces(shard_files: list[Path], n: int) -> list[tuple[str, np.ndarray]]:
+    """(key, middle face crop) of the first n samples that have a face, read straight from the tars."""
+    found: list[tuple[str, np.ndarray]] = []
+    for shard in shard_files:
+        members: dict[str, dict] = {}
+        for name, data in iter_tar_members(shard):
+            key, _, suffix = name.partition(".")
+            if suffix in ("face.npy", "vision_mask.npy"):
+                members.setdefault(key, {})[suffix] = decode_member(suffix, data)
+        for key, m in members.items():
+            face, mask = m.get("face.npy"), m.get("vision_mask.npy")
+            if face is None or mask is None or not mask.any():
+                continue
+            with_face = np.flatnonzero(mask)
+            found.append((key, face[with_face[len(with_face) // 2]]))
+            if len(found) == n:
+                return found
+    return found
+
+
+def contact_sheet_section(shards: Path, out: Path, per_split: int) -> Section:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images, notes = [], []
+    for index_path in sorted(shards.glob("*/index.json")):
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        split = index["split"]
+        if index.get("mode") != "raw":
+            notes.append(f"{split}: {index.get('mode')} shards hold embeddings, not crops")
+            continue
+        faces = first_faces([index_path.parent / s["name"] for s in index["shards"]], per_split)
+        if not faces:
+            notes.append(f"{split}: no sample with a face")
+            continue
+        cols = min(8, len(faces))
+        rows = -(-len(faces) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (key, crop) in zip(axes.flat, faces):
+            ax.imshow(crop)
+            ax.set_title(key[-14:], fontsize=6)
+        fig.suptitle(f"{split}: middle face crop of {len(faces)} clips")
+        fig.tight_layout()
+        png = out / f"faces_{split}.png"
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        images.append(png)
+    body = "One crop per clip (the middle frame with a face), for a visual check of detection and alignment."
+    if notes:
+        body += "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return Section("Face crops", body, images)
+
+
+def timings_section(folder: Path) -> Section:
+    rows = []
+    for tsv in sorted(folder.rglob("*.tsv")):
+        with tsv.open(encoding="utf-8", newline="") as f:
+            for rec in csv.DictReader(f, delimiter="\t"):
+                rows.append([str(tsv.relative_to(folder).with_suffix("")), f"{float(rec['s']):.1f}",
+                             rec.get("max_rss", "")])
+    return Section("Timings", md_table(["step", "seconds", "max RSS (MB)"], rows) if rows else "_none recorded_")
+
+
+def config_section(path: Path) -> Section:
+    return Section("Configuration", f"`{path.name}`:\n\n```yaml\n{path.read_text(encoding='utf-8').strip()}\n```")
+
+
+# ---------------------------------------------------------------- rendering
+def render_markdown(title: str, sections: list[Section], out: Path) -> str:
+    parts = [f"# {title}"]
+    for s in sections:
+        parts.append(f"## {s.title}\n\n{s.markdown}")
+        parts += [f"![{img.stem}]({img.relative_to(out)})" for img in s.images]
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    """A self-contained page: Markdown bodies shown verbatim in <pre>, images inlined."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2><pre>{html.escape(s.markdown)}</pre>")
+        for img in s.images:
+            data = base64.b64encode(img.read_bytes()).decode("ascii")
+            body.append(f'<img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">')
+    style = "body{font-family:sans-serif;max-width:1100px;margin:auto}pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}img{max-width:100%}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def build_report(args: argparse.Namespace) -> list[Section]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections: list[Section] = []
+    if args.shards:
+        sections += [data_section(args.shards), failures_section(args.shards),
+                     contact_sheet_section(args.shards, args.out, args.faces_per_split)]
+    if args.metrics:
+        sections.append(robustness_section([load_metrics(m) for m in args.metrics], args.out))
+    if args.timings and args.timings.is_dir():
+        sections.append(timings_section(args.timings))
+    if args.config:
+        sections.append(config_section(args.config))
+    return sections
+
+
+def main(args: argparse.Namespace) -> int:
+    sections = build_report(args)
+    with atomic_path(args.out / "report.md") as tmp:
+        tmp.write_text(render_markdown(args.title, sections, args.out), encoding="utf-8")
+    with atomic_path(args.out / "report.html") as tmp:
+        tmp.write_text(render_html(args.title, sections), encoding="utf-8")
+    print(f"report: {args.out / 'report.md'} and report.html ({len(sections)} sections)")
+    return 0
