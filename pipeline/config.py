@@ -1,0 +1,134 @@
+"""The workflow config: one pydantic model composed of each step's own config model.
+
+A workflow YAML has one section per step (`dataset`, `extract`, `shards`; later `train`,
+`evaluate`, `report`) plus `run_name`. Each `msaflow` command reads its own section with
+`--config YAML`; the Snakefile validates the whole file against
+`pipeline/schemas/workflow.schema.json`, which is generated from these models:
+
+    python -m msaflow.pipeline.config --write-schema     # after changing any step's model
+    python -m msaflow.pipeline.config --check CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from msaflow.pipeline.shards import ShardsConfig
+
+# TODO: compose the steps' own models once they exist:
+#   from msaflow.pipeline.manifest import ManifestConfig   -> `dataset` section
+#   from msaflow.pipeline.extract import ExtractConfig     -> `extract` section
+ManifestConfig = dict[str, Any]
+ExtractConfig = dict[str, Any]
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "workflow.schema.json"
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+class DatasetSection(BaseModel):
+    """Where the clips come from: the `msaflow manifest` inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(description="dataset folder; relative paths are relative to the working directory")
+    manifest: ManifestConfig = Field(default_factory=dict, description="options of `msaflow manifest`")
+
+
+class WorkflowSection(BaseModel):
+    """How the Snakefile runs the steps (not what they compute)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    extract_chunks: PositiveInt = Field(2, description="parallel `msaflow extract --chunk K/N` jobs")
+    extract_threads: PositiveInt = Field(1, description="threads per extraction job")
+    extract_mem_mb: PositiveInt = Field(4000, description="memory per extraction job (MB)")
+    extract_gpus: int = Field(0, ge=0, description="GPUs per extraction job (Snakemake resource `gpu`)")
+
+
+class WorkflowConfig(BaseModel):
+    """The whole workflow YAML. Results land in `results/<run_name>/`."""
+
+    model_config = ConfigDict(extra="forbid", title="msaflow workflow config")
+
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="results/<run_name>/")
+    dataset: DatasetSection
+    workflow: WorkflowSection = Field(default_factory=WorkflowSection)
+    extract: ExtractConfig = Field(default_factory=dict, description="options of `msaflow extract`")
+    shards: ShardsConfig = Field(default_factory=ShardsConfig, description="options of `msaflow shards`")
+
+
+def workflow_schema() -> dict:
+    schema = WorkflowConfig.model_json_schema()
+    return {"$schema": JSON_SCHEMA_DIALECT, **schema}
+
+
+def schema_text() -> str:
+    return json.dumps(workflow_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read config ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def read_section(path: str | Path, section: str) -> dict:
+    """One step's section of a workflow YAML ({} when absent)."""
+    value = load_yaml(path).get(section) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: section {section!r} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def extract_config_hash(section: dict) -> str:
+    """sha256 of the canonical JSON of the validated extract config (defaults filled in)."""
+    validated = section  # TODO: ExtractConfig.model_validate(section).model_dump(mode="json")
+    return hashlib.sha256(canonical_json(validated).encode("utf-8")).hexdigest()
+
+
+def load_workflow_config(path: str | Path) -> WorkflowConfig:
+    return WorkflowConfig.model_validate(load_yaml(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="workflow config: JSON schema and validation")
+    parser.add_argument("--write-schema", action="store_true", help=f"regenerate {SCHEMA_PATH.name}")
+    parser.add_argument("--check", type=Path, metavar="CONFIG", help="validate a workflow YAML")
+    args = parser.parse_args(argv)
+    if not (args.write_schema or args.check):
+        parser.error("nothing to do: give --write-schema and/or --check CONFIG")
+    if args.write_schema:
+        SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
+        SCHEMA_PATH.write_text(schema_text(), encoding="utf-8")
+        print(f"wrote {SCHEMA_PATH}")
+    if args.check:
+        try:
+            load_workflow_config(args.check)
+        except (ValueError, ValidationError) as exc:
+            print(f"{args.check}: invalid workflow config:\n{exc}", file=sys.stderr)
+            return 2
+        print(f"{args.check}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""`msaflow shards`: pack the per-clip tars of the extraction step into WebDataset shards.
+
+Per split, samples follow manifest order and shards hold at most `max_samples` samples /
+`max_bytes` bytes (a single larger sample gets a shard of its own). Member bytes are copied
+from the clip tars unchanged, one member at a time, so memory stays bounded by the largest
+member. Every shard goes through `tario.atomic_path` + `TarWriter`, so shards are
+byte-identical across runs and never visible half-written (docs/data-contracts.md §3).
+
+Every manifest row ends up either in a shard or in `failures.csv`; a row with neither a
+clip tar nor an extraction failure record stops the command ("not extracted").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import re
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, PositiveInt
+from tqdm import tqdm
+
+from msaflow import __version__
+from msaflow.pipeline.manifest import MANIFEST_COLUMNS, sanitize_key
+from msaflow.pipeline.tario import TarWriter, atomic_path, write_json_atomic
+
+SPLITS = ("train", "valid", "test")  # TODO: import from msaflow.pipeline.manifest once it defines them
+FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
+FBANK_RATE = 100.0  # the contract's 10 ms audio grid (fbank.npy / audio.npy / audio_mask.npy)
+TAR_BLOCK, TAR_RECORD = 512, 10240  # tar header/data block; the file is padded to whole records
+
+
+class ShardsConfig(BaseModel):
+    """The `shards:` section of the workflow config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_samples: PositiveInt = 1000
+    max_bytes: PositiveInt = 1 << 30
+
+
+# member -> its rate (steps per second) given the clip's json; None: no time axis (tokens)
+_RATE: dict[str, Callable[[dict], float | None]] = {
+    "face.npy": lambda meta: meta["fps"],
+    "vision.npy": lambda meta: meta["fps"],
+    "vision_mask.npy": lambda meta: meta["fps"],
+    "wav.npy": lambda meta: meta["sample_rate"],
+    "fbank.npy": lambda meta: FBANK_RATE,
+    "audio.npy": lambda meta: FBANK_RATE,
+    "audio_mask.npy": lambda meta: FBANK_RATE,
+    "text.npy": lambda meta: None,
+    "text_ids.npy": lambda meta: None,
+}
+REQUIRED_MEMBERS = {
+    "raw": ("json", "face.npy", "vision_mask.npy", "wav.npy", "fbank.npy", "audio_mask.npy", "text_ids.npy"),
+    "features": ("json", "vision.npy", "vision_mask.npy", "audio.npy", "audio_mask.npy", "text.npy",
+                 "text_ids.npy"),
+}
+# members whose first axis must equal a json count / another member's first axis
+_TIME_AXIS_OF_JSON = {"vision_mask.npy": "n_frames", "face.npy": "n_frames", "vision.npy": "n_frames"}
+_SAME_TIME_AXIS = {"fbank.npy": "audio_mask.npy", "audio.npy": "audio_mask.npy", "text.npy": "text_ids.npy"}
+
+
+class ShardsError(RuntimeError):
+    """The inputs cannot be sharded as a whole (not one clip: the run)."""
+
+
+class ClipError(ValueError):
+    """One clip tar is unusable; the clip goes to failures.csv and the others go on."""
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Clip:
+    """A validated clip tar: what to copy into the shard and what the index needs to know."""
+
+    path: Path
+    meta: dict
+    sizes: dict[str, int]  # member suffix -> bytes
+    arrays: dict[str, MemberInfo]
+
+    @property
+    def tar_bytes(self) -> int:
+        return sum(TAR_BLOCK + _blocks(size) for size in self.sizes.values())
+
+
+def _blocks(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def tar_file_size(member_bytes: int) -> int:
+    """Size on disk of a tar whose headers+data take `member_bytes` (end blocks, record padding)."""
+    return -(-(member_bytes + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _npy_info(fileobj, name: str) -> MemberInfo:
+    try:
+        version = np.lib.format.read_magic(fileobj)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = read_header(fileobj)
+    except ValueError as exc:
+        raise ClipError(f"{name}: not a NumPy .npy array ({exc})") from exc
+    if dtype.hasobject:
+        raise ClipError(f"{name}: object dtype (would need pickle)")
+    return MemberInfo(tuple(int(n) for n in shape), np.dtype(dtype).name)
+
+
+def read_clip(path: Path, key: str, clip_id: str) -> Clip:
+    """Read the headers of one clip tar (not its arrays) and check it against the contract."""
+    sizes, arrays, meta = {}, {}, None
+    try:
+        with tarfile.open(path, "r") as tar:
+            for info in tar:
+                if not info.isfile():
+                    raise ClipError(f"member {info.name!r} is not a regular file")
+                member_key, _, suffix = info.name.partition(".")
+                if member_key != key:
+                    raise ClipError(f"member {info.name!r} does not belong to key {key!r}")
+                if suffix != "json" and not suffix.endswith(".npy"):
+                    raise ClipError(f"member {info.name!r}: only .json and .npy members are allowed")
+                sizes[suffix] = info.size
+                f = tar.extractfile(info)
+                if suffix == "json":
+                    meta = json.loads(f.read().decode("utf-8"))
+                else:
+                    arrays[suffix] = _npy_info(f, info.name)
+    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClipError(f"unreadable clip tar ({exc})") from exc
+    if not sizes:
+        raise ClipError("empty clip tar")
+    if not isinstance(meta, dict):
+        raise ClipError("no json member")
+    if meta.get("id") != clip_id:
+        raise ClipError(f"json id {meta.get('id')!r} differs from the manifest id {clip_id!r}")
+    mode = meta.get("mode")
+    if mode not in REQUIRED_MEMBERS:
+        raise ClipError(f"json mode {mode!r} is not one of {sorted(REQUIRED_MEMBERS)}")
+    missing = [m for m in REQUIRED_MEMBERS[mode] if m not in sizes]
+    if missing:
+        raise ClipError(f"{mode} mode clip lacks {', '.join(missing)}")
+    for member, count_field in _TIME_AXIS_OF_JSON.items():
+        if member in arrays and (not arrays[member].shape or arrays[member].shape[0] != meta.get(count_field)):
+            raise ClipError(f"{member} has shape {arrays[member].shape} but json {count_field} is "
+                            f"{meta.get(count_field)!r}")
+    for member, other in _SAME_TIME_AXIS.items():
+        if member in arrays and other in arrays and arrays[member].shape[:1] != arrays[other].shape[:1]:
+            raise ClipError(f"{member} has {arrays[member].shape[:1]} steps but {other} has "
+                            f"{arrays[other].shape[:1]}")
+    return Clip(path, meta, sizes, arrays)
+
+
+def _member_rate(member: str, meta: dict) -> float | None:
+    rate = _RATE.get(member, lambda meta: None)(meta)
+    return None if rate is None else float(rate)
+
+
+def member_schema(clip: Clip) -> dict[str, dict]:
+    """Per member: shape with a null time axis, dtype, rate: what every sample of a split shares."""
+    return {
+        name: {"shape": [None, *info.shape[1:]], "dtype": info.dtype, "rate": _member_rate(name, clip.meta)}
+        for name, info in sorted(clip.arrays.items())
+    }
+
+
+@dataclass
+class SplitResult:
+    split: str
+    manifest_rows: int = 0
+    shards: list[dict] = field(default_factory=list)
+    modalities: dict[str, dict] = field(default_factory=dict)
+    mode: str | None = None
+    failures: int = 0
+    no_face: int = 0
+    no_audio: int = 0
+    empty_text: int = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(s["n_samples"] for s in self.shards)
+
+
+class _ShardSequence:
+    """Writes `<split>-NNNNNN.tar` one after another, each atomically, splitting by count and size."""
+
+    def __init__(self, split_dir: Path, split: str, max_samples: int, max_bytes: int):
+        self.split_dir, self.split = split_dir, split
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.written: list[dict] = []
+        self._ctx = self._writer = None
+        self._n = self._bytes = 0
+
+    def add(self, key: str, clip: Clip) -> None:
+        if self._writer is not None and (
+            self._n + 1 > self.max_samples or tar_file_size(self._bytes + clip.tar_bytes) > self.max_bytes
+        ):
+            self._close()
+        if self._writer is None:
+            self._open()
+        with tarfile.open(clip.path, "r") as tar:
+            for info in sorted(tar.getmembers(), key=lambda m: m.name):
+                self._writer.add_bytes(info.name, tar.extractfile(info).read())
+        self._n += 1
+        self._bytes += clip.tar_bytes
+
+    def _open(self) -> None:
+        self._final = self.split_dir / f"{self.split}-{len(self.written):06d}.tar"
+        self._ctx = atomic_path(self._final)
+        self._writer = TarWriter(self._ctx.__enter__())
+
+    def _close(self) -> None:
+        self._writer.close()
+        self._ctx.__exit__(None, None, None)
+        self.written.append({"name": self._final.name, "n_samples": self._n,
+                             "sha256": sha256_file(self._final)})
+        self._ctx = self._writer = None
+        self._n = self._bytes = 0
+
+    def finish(self) -> list[dict]:
+        if self._writer is not None:
+            self._close()
+        return self.written
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
+            self._ctx = self._writer = None
+
+
+def read_manifest(path: Path) -> list[dict]:
+    # TODO: use msaflow.pipeline.manifest's reader once it has one
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != MANIFEST_COLUMNS:
+            raise ShardsError(f"{path}: manifest columns {reader.fieldnames} differ from {MANIFEST_COLUMNS}")
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
+        if row["split"] not in SPLITS:
+            raise ShardsError(f"{path}, line {line}: unknown split {row['split']!r} (expected one of {SPLITS})")
+    return rows
+
+
+def read_failure_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardsError(f"{path}: unreadable failure record ({exc})") from exc
+    return {col: str(record.get(col, "")) for col in FAILURE_COLUMNS}
+
+
+def read_frontends(extract_dir: Path) -> dict:
+    """Front-end descriptions the extraction step recorded in its chunk summaries (all must agree)."""
+    found: dict | None = None
+    for summary in sorted((extract_dir / "chunks").glob("*.json")):
+        frontends = json.loads(summary.read_text(encoding="utf-8")).get("frontends")
+        if frontends is None:
+            continue
+        if found is not None and frontends != found:
+            raise ShardsError(f"{summary}: front-ends {frontends} differ from another chunk's {found}; "
+                              f"extraction ran with different front-ends: re-extract")
+        found = frontends
+    return found or {}
+
+
+def _check_not_extracted(rows: list[dict], extract_dir: Path) -> None:
+    missing = [row for row in rows if not (extract_dir / "clips" / f"{sanitize_key(row['id'])}.tar").exists()
+               and not (extract_dir / "failures" / f"{sanitize_key(row['id'])}.json").exists()]
+    if missing:
+        shown = "\n".join(f"  {row['id']}: no clips/{sanitize_key(row['id'])}.tar and no "
+                          f"failures/{sanitize_key(row['id'])}.json" for row in missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise ShardsError(f"{len(missing)} of {len(rows)} manifest rows were not extracted in {extract_dir} "
+                          f"(run `msaflow extract` for all chunks first):\n{shown}{more}")
+
+
+def _shard_split(split: str, rows: list[dict], extract_dir: Path, out_dir: Path, cfg: ShardsConfig,
+                 failures: list[dict], progress: tqdm) -> SplitResult:
+    result = SplitResult(split, manifest_rows=len(rows))
+    split_dir = out_dir / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    writer = _ShardSequence(split_dir, split, cfg.max_samples, cfg.max_bytes)
+    try:
+        for row in rows:
+            progress.update()
+            key = sanitize_key(row["id"])
+            tar_path = extract_dir / "clips" / f"{key}.tar"
+            if not tar_path.exists():
+                failures.append(read_failure_record(extract_dir / "failures" / f"{key}.json") | {"id": row["id"]})
+                result.failures += 1
+                continue
+            try:
+                clip = read_clip(tar_path, key, row["id"])
+                schema = member_schema(clip)
+                if result.mode is None:
+                    result.mode, result.modalities = clip.meta["mode"], schema
+                elif clip.meta["mode"] != result.mode:
+                    raise ClipError(f"mode {clip.meta['mode']!r} differs from the split's {result.mode!r}")
+                elif schema != result.modalities:
+                    raise ClipError(f"members {schema} differ from the split's {result.modalities}")
+            except ClipError as exc:
+                failures.append({"id": row["id"], "path": row["path"], "stage": "shards",
+                                 "reason": f"{tar_path}: {exc}"})
+                result.failures += 1
+                continue
+            writer.add(key, clip)
+            result.no_face += clip.meta.get("n_face_frames") == 0
+            result.no_audio += not clip.meta.get("has_audio", True)
+            result.empty_text += not clip.meta.get("has_text", True)
+        result.shards = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    keep = {s["name"] for s in result.shards}
+    for stale in split_dir.glob(f"{split}-*.tar"):  # shards of an earlier, larger run
+        if re.fullmatch(rf"{split}-\d{{6}}\.tar", stale.name) and stale.name not in keep:
+            stale.unlink()
+    return result
+
+
+def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
+                 config_hash: str) -> dict:
+    """Write shards, index.json per split, failures.csv and (last) summary.json; return the summary."""
+    rows = read_manifest(manifest)
+    _check_not_extracted(rows, extract_dir)
+    frontends = read_frontends(extract_dir)
+    manifest_hash = sha256_file(manifest)
+    failures: list[dict] = []
+    results = []
+    with tqdm(total=len(rows), desc="shards", unit="clip", file=sys.stderr) as progress:
+        for split in SPLITS:
+            split_rows = [row for row in rows if row["split"] == split]
+            results.append(_shard_split(split, split_rows, extract_dir, out_dir, cfg, failures, progress))
+    modes = {r.mode for r in results if r.mode}
+    if len(modes) > 1:
+        raise ShardsError(f"clips in {extract_dir} mix modes {sorted(modes)}: re-extract with one mode")
+    mode = modes.pop() if modes else None
+    for r in results:
+        write_json_atomic(out_dir / r.split / "index.json", {
+            "split": r.split, "mode": mode, "n_samples": r.samples, "shards": r.shards,
+            "modalities": r.modalities, "frontends": frontends, "config_hash": config_hash,
+            "manifest_hash": manifest_hash, "msaflow_version": __version__,
+        })
+    order = {row["id"]: i for i, row in enumerate(rows)}
+    failures.sort(key=lambda f: order[f["id"]])
+    with atomic_path(out_dir / "failures.csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=FAILURE_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows({col: fail[col] for col in FAILURE_COLUMNS} for fail in failures)
+    summary = {
+        "mode": mode, "config_hash": config_hash, "manifest_hash": manifest_hash,
+        "splits": {r.split: {"manifest_rows": r.manifest_rows, "samples": r.samples, "shards": len(r.shards),
+                             "failures": r.failures, "no_face": r.no_face, "no_audio": r.no_audio,
+                             "empty_text": r.empty_text} for r in results},
+    }
+    summary["total"] = {k: sum(s[k] for s in summary["splits"].values())
+                        for k in next(iter(summary["splits"].values()))}
+    write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    columns = ["manifest_rows", "samples", "shards", "failures", "no_face", "no_audio", "empty_text"]
+    rows = [[name, *(str(counts[c]) for c in columns)]
+            for name, counts in [*summary["splits"].items(), ("total", summary["total"])]]
+    header = ["split", *columns]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("extract_dir", type=Path, help="output folder of `msaflow extract` (holds clips/)")
+    parser.add_argument("--manifest", type=Path, required=True, help="the manifest CSV the clips came from")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="shard folder to write")
+    parser.add_argument("--config", type=Path, help="workflow YAML: its `shards:` section sets the limits, "
+                                                    "its `extract:` section gives the config hash")
+    parser.add_argument("--max-samples", type=int, help="at most N samples per shard (overrides the config)")
+    parser.add_argument("--max-bytes", type=int, help="at most B bytes per shard (overrides the config)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from msaflow.pipeline.config import extract_config_hash, read_section
+
+    try:
+        section = read_section(args.config, "shards") if args.config else {}
+        overrides = {"max_samples": args.max_samples, "max_bytes": args.max_bytes}
+        cfg = ShardsConfig.model_validate(section | {k: v for k, v in overrides.items() if v is not None})
+        config_hash = extract_config_hash(read_section(args.config, "extract") if args.config else {})
+        if not args.manifest.is_file():
+            raise ShardsError(f"{args.manifest}: manifest not found")
+        if not (args.extract_dir / "clips").is_dir() and not (args.extract_dir / "failures").is_dir():
+            raise ShardsError(f"{args.extract_dir}: no clips/ or failures/ folder: not an extraction output")
+        summary = build_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash)
+    except (ShardsError, ValueError) as exc:
+        print(f"msaflow shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"shards, index.json, failures.csv, summary.json in {args.output}")
+    return 0
