@@ -1,0 +1,31 @@
+"""The dataset formats `msaflow manifest` reads: a registry of name -> adapter class.
+
+An adapter has `name`, `detect(root, cfg) -> bool` and `read(root, cfg, problems) ->
+list[ClipRecord]`. `--format auto` takes the first adapter, in registry order, whose
+`detect` accepts the dataset; `folder` accepts anything, so it comes last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from msaflow.datasets.folder import FolderAdapter
+from msaflow.datasets.mmsa_raw import MmsaRawAdapter
+from msaflow.datasets.segments import SegmentsAdapter
+
+if TYPE_CHECKING:
+    from msaflow.pipeline.manifest import ManifestConfig
+
+ADAPTERS: dict[str, type] = {
+    MmsaRawAdapter.name: MmsaRawAdapter,
+    SegmentsAdapter.name: SegmentsAdapter,
+    FolderAdapter.name: FolderAdapter,
+}
+
+
+def select_adapter(root: Path, cfg: ManifestConfig):
+    """The adapter named by `cfg.format`, or for `auto` the first that recognises the dataset."""
+    if cfg.format != "auto":
+        return ADAPTERS[cfg.format]()
+    return next(adapter for adapter in (cls() for cls in ADAPTERS.values()) if adapter.detect(root, cfg))
