@@ -21,25 +21,21 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from msaflow.pipeline.manifest import ManifestConfig
 from msaflow.pipeline.shards import ShardsConfig
 
-# TODO: compose the steps' own models once they exist:
-#   from msaflow.pipeline.manifest import ManifestConfig   -> `dataset` section
+# TODO: compose the extract step's own model once it exists:
 #   from msaflow.pipeline.extract import ExtractConfig     -> `extract` section
-ManifestConfig = dict[str, Any]
 ExtractConfig = dict[str, Any]
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "workflow.schema.json"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
-class DatasetSection(BaseModel):
-    """Where the clips come from: the `msaflow manifest` inputs."""
+class DatasetSection(ManifestConfig):
+    """The manifest step's config, with the dataset root required (the workflow has no CLI argument)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    root: str = Field(description="dataset folder; relative paths are relative to the working directory")
-    manifest: ManifestConfig = Field(default_factory=dict, description="options of `msaflow manifest`")
+    root: str = Field(description="dataset folder; a relative path is relative to the folder snakemake runs in")
 
 
 class WorkflowSection(BaseModel):

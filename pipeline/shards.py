@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict, PositiveInt
 from tqdm import tqdm
 
 from msaflow import __version__
-from msaflow.pipeline.manifest import MANIFEST_COLUMNS, sanitize_key
+from msaflow.datasets.base import SPLITS
+from msaflow.pipeline.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
 from msaflow.pipeline.tario import TarWriter, atomic_path, write_json_atomic
 
-SPLITS = ("train", "valid", "test")  # TODO: import from msaflow.pipeline.manifest once it defines them
 FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
 FBANK_RATE = 100.0  # the contract's 10 ms audio grid (fbank.npy / audio.npy / audio_mask.npy)
 TAR_BLOCK, TAR_RECORD = 512, 10240  # tar header/data block; the file is padded to whole records
@@ -250,13 +250,15 @@ class _ShardSequence:
             self._ctx = self._writer = None
 
 
-def read_manifest(path: Path) -> list[dict]:
-    # TODO: use msaflow.pipeline.manifest's reader once it has one
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != MANIFEST_COLUMNS:
-            raise ShardsError(f"{path}: manifest columns {reader.fieldnames} differ from {MANIFEST_COLUMNS}")
-        rows = list(reader)
+def manifest_rows(path: Path) -> list[dict]:
+    """id, path, split of every manifest row, in order; a malformed manifest is an error naming the row."""
+    try:
+        df = read_manifest(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ShardsError(f"{path}: unreadable manifest ({exc})") from exc
+    if list(df.columns) != MANIFEST_COLUMNS:
+        raise ShardsError(f"{path}: manifest columns {list(df.columns)} differ from {MANIFEST_COLUMNS}")
+    rows = df[["id", "path", "split"]].to_dict("records")
     for line, row in enumerate(rows, start=2):
         if row["split"] not in SPLITS:
             raise ShardsError(f"{path}, line {line}: unknown split {row['split']!r} (expected one of {SPLITS})")
@@ -343,7 +345,7 @@ def _shard_split(split: str, rows: list[dict], extract_dir: Path, out_dir: Path,
 def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
                  config_hash: str) -> dict:
     """Write shards, index.json per split, failures.csv and (last) summary.json; return the summary."""
-    rows = read_manifest(manifest)
+    rows = manifest_rows(manifest)
     _check_not_extracted(rows, extract_dir)
     frontends = read_frontends(extract_dir)
     manifest_hash = sha256_file(manifest)
