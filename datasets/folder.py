@@ -61,8 +61,13 @@ class FolderAdapter:
         by_video_id: dict[str, list[Path]] = {}
         for path in paths:
             by_video_id.setdefault(video_id_of(root, path), []).append(path)
+        for video_id, same in by_video_id.items():
+            if len(same) > 1:
+                problems.add(same[-1], None, f"files {', '.join(p.name for p in same)} give the same video id "
+                                             f"{video_id!r} (path without extension); rename all but one")
         records = {path: ClipRecord(video_id=video_id_of(root, path), clip_id=WHOLE_FILE_CLIP_ID,
-                                    path=path, source=str(path), row=None) for path in paths}
+                                    path=path, source=str(path), row=None)
+                   for path in paths if len(by_video_id[video_id_of(root, path)]) == 1}
         csv_path = self.csv_path(root, cfg)
         if csv_path is not None:
             self._apply_csv(root, csv_path, cfg, records, by_video_id, problems)
@@ -91,6 +96,8 @@ class FolderAdapter:
                                             f"(first given in row {first_row[path]})")
                 continue
             first_row[path] = row
+            if path not in records:  # dropped for a video id clash, already reported
+                continue
             record = records[path]
             record.source, record.row = str(csv_path), row
             for name, value in fields.items():

@@ -40,11 +40,10 @@ def sanitize_key(clip_id: str) -> str:
 
 
 class ManifestConfig(BaseModel):
-    """How to read a dataset into a manifest (the workflow config's `dataset` section)."""
+    """How to read a dataset into a manifest (the workflow config's `dataset.manifest` section)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    root: str | None = Field(None, description="dataset root; the command's DATASET_ROOT argument overrides it")
     format: FormatName = Field("auto", description="dataset layout; auto detects it")
     labels: str | None = Field(None, description="the format's CSV, if not its default file in the root "
                                                  "(label.csv, segments.csv, labels.csv); relative to the "
@@ -73,12 +72,16 @@ class ManifestConfig(BaseModel):
         return self
 
 
-def load_config(path: str | Path) -> ManifestConfig:
-    """A YAML that is the manifest config itself, or a workflow config with a `dataset:` section."""
+def load_config(path: str | Path) -> tuple[ManifestConfig, str | None]:
+    """(config, dataset root or None) from a YAML that is the manifest config itself, or a
+    workflow config (`dataset: {root: ..., manifest: {...}}`)."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return ManifestConfig.model_validate(data.get("dataset", data))
+    if "dataset" in data:
+        dataset = data["dataset"] or {}
+        return ManifestConfig.model_validate(dataset.get("manifest") or {}), dataset.get("root")
+    return ManifestConfig.model_validate(data), None
 
 
 def by_video_split(video_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> dict[str, str]:
@@ -192,7 +195,7 @@ def summary_table(df: pd.DataFrame) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", nargs="?", help="dataset root folder (or `root:` in --config)")
+    parser.add_argument("root", nargs="?", help="dataset root folder (default: `dataset.root` of --config)")
     parser.add_argument("-o", "--output", required=True, help="manifest CSV to write")
     parser.add_argument("--format", choices=["auto", *ADAPTERS], help="dataset layout (default: auto)")
     parser.add_argument("--labels", help="the format's CSV, if not its default file in the root")
@@ -201,31 +204,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-split", choices=[*SPLITS, "by-video"],
                         help="split of clips without one (default: test)")
     parser.add_argument("--split-seed", type=int, help="seed of the by-video split")
-    parser.add_argument("--config", help="YAML: the manifest config, or a workflow config with `dataset:`")
+    parser.add_argument("--config", help="YAML: the manifest options, or a workflow config "
+                                         "(`dataset.root`, `dataset.manifest`)")
 
 
-def config_from_args(args: argparse.Namespace) -> ManifestConfig:
-    cfg = load_config(args.config) if args.config else ManifestConfig()
-    overrides = {"root": args.root, "format": args.format, "labels": args.labels,
-                 "label_range": args.label_range, "default_split": args.default_split,
-                 "split_seed": args.split_seed}
-    return ManifestConfig.model_validate(
-        cfg.model_dump() | {k: v for k, v in overrides.items() if v is not None})
+def config_from_args(args: argparse.Namespace) -> tuple[ManifestConfig, str | None]:
+    """Options from --config, overridden by the flags given; and the dataset root."""
+    cfg, root = load_config(args.config) if args.config else (ManifestConfig(), None)
+    overrides = {"format": args.format, "labels": args.labels, "label_range": args.label_range,
+                 "default_split": args.default_split, "split_seed": args.split_seed}
+    cfg = ManifestConfig.model_validate(cfg.model_dump() | {k: v for k, v in overrides.items() if v is not None})
+    return cfg, args.root or root
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        cfg = config_from_args(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"msaflow manifest: invalid config: {exc}", file=sys.stderr)
+        cfg, root = config_from_args(args)
+    except (ValidationError, ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"msaflow manifest: invalid config {args.config}: {exc}", file=sys.stderr)
         return 2
-    if cfg.root is None:
-        print("msaflow manifest: give DATASET_ROOT (or `root:` in --config)", file=sys.stderr)
+    if root is None:
+        print("msaflow manifest: give DATASET_ROOT (or `dataset.root` in --config)", file=sys.stderr)
         return 2
     try:
-        df = build_manifest(cfg.root, cfg)
+        df = build_manifest(root, cfg)
     except ManifestError as exc:
-        print(f"msaflow manifest: {len(exc.problems)} problem(s) in {cfg.root}; nothing written:",
+        print(f"msaflow manifest: {len(exc.problems)} problem(s) in {root}; nothing written:",
               file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
