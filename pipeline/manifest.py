@@ -40,7 +40,7 @@ def sanitize_key(clip_id: str) -> str:
 
 
 class ManifestConfig(BaseModel):
-    """How to read a dataset into a manifest (the workflow config's `dataset.manifest` section)."""
+    """How to read a dataset into a manifest (the workflow config's `dataset` section, less `root`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,15 +73,15 @@ class ManifestConfig(BaseModel):
 
 
 def load_config(path: str | Path) -> tuple[ManifestConfig, str | None]:
-    """(config, dataset root or None) from a YAML that is the manifest config itself, or a
-    workflow config (`dataset: {root: ..., manifest: {...}}`)."""
+    """(options, dataset root or None) from a YAML that holds the options (and optionally
+    `root`) at the top level, or a workflow config whose `dataset:` section holds them."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    if "dataset" in data:
-        dataset = data["dataset"] or {}
-        return ManifestConfig.model_validate(dataset.get("manifest") or {}), dataset.get("root")
-    return ManifestConfig.model_validate(data), None
+    section = data.get("dataset", data) if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: expected a mapping of manifest options")
+    section = dict(section)
+    root = section.pop("root", None)
+    return ManifestConfig.model_validate(section), root
 
 
 def by_video_split(video_ids: list[str], seed: int, fractions: tuple[float, float, float]) -> dict[str, str]:
@@ -205,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split of clips without one (default: test)")
     parser.add_argument("--split-seed", type=int, help="seed of the by-video split")
     parser.add_argument("--config", help="YAML: the manifest options, or a workflow config "
-                                         "(`dataset.root`, `dataset.manifest`)")
+                                         "whose `dataset:` section holds them and `root`")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ManifestConfig, str | None]:

@@ -343,7 +343,7 @@ def test_cli_writes_manifest_and_exits_2_listing_every_error(tmp_path, grid, cap
     # flags override the config file; the workflow config layout is understood
     config = tmp_path / "workflow.yaml"
     config.write_text(yaml.safe_dump({"run_name": "t", "dataset": {
-        "root": str(root), "manifest": {"format": "mmsa-raw", "label_range": [-1, 1]}}}))
+        "root": str(root), "format": "mmsa-raw", "label_range": [-1, 1]}}))
     assert cli_main(["manifest", "-o", str(out), "--config", str(config), "--label-range", "-10", "10"]) == 2
     assert "label 7" not in capsys.readouterr().err  # now only the missing file
     write_csv(csv_path, "video_id,clip_id,text,label,mode\nv,1,ok,7,train\n")
