@@ -148,6 +148,11 @@ def build_manifest(root: str | Path, cfg: ManifestConfig | None = None) -> pd.Da
         problems.raise_if_any()
     adapter = select_adapter(root, cfg)
     records = adapter.read(root, cfg, problems)
+    if not records and not problems:
+        problems.add(root, None, f"no clips found (read as {adapter.name}). Expected layouts: "
+                                 "mmsa-raw = Raw/<video_id>/<clip_id>.<ext> + label.csv; segments = "
+                                 "segments.csv with start,end columns; folder = video files "
+                                 f"({' '.join(cfg.video_extensions)})")
     check_unique(records, problems)
     problems.raise_if_any()
     assign_default_splits(records, cfg)

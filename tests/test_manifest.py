@@ -357,6 +357,13 @@ def test_cli_writes_manifest_and_exits_2_listing_every_error(tmp_path, grid, cap
     assert "invalid config" in capsys.readouterr().err
 
 
+def test_empty_dataset_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    write_csv(tmp_path / "empty" / "label.csv", "video_id,clip_id,text\n")  # no Raw/: not mmsa-raw
+    [problem] = problems_of(tmp_path / "empty")
+    assert "no clips found (read as folder)" in problem and "Raw/<video_id>/<clip_id>" in problem
+
+
 def test_console_script_exit_status(tmp_path):
     msaflow = Path(sys.executable).parent / "msaflow"
     proc = subprocess.run([str(msaflow), "manifest", str(tmp_path / "nope"), "-o", str(tmp_path / "m.csv")],
