@@ -108,10 +108,13 @@ def read_csv_table(path: Path, allowed: set[str], required: set[str], problems: 
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        row = raw[: exc.start].count(b"\n") + 1
-        problems.add(path, row, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                                "the file looks like Latin-1/Windows-1252: re-encode it as UTF-8, e.g. "
-                                f"`iconv -f latin1 -t utf-8 '{path.name}' > utf8.csv`")
+        rows = _rows_with_bad_bytes(raw)
+        more = f"; rows {', '.join(map(str, rows[:10]))}{' ...' if len(rows) > 10 else ''} affected" \
+            if len(rows) > 1 else ""
+        problems.add(path, rows[0] if rows else None,
+                     f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start}{more}); "
+                     "the file looks like Latin-1/Windows-1252: re-encode it as UTF-8, e.g. "
+                     f"`iconv -f latin1 -t utf-8 '{path.name}' > utf8.csv`")
         return None
     try:
         records = list(csv.reader(io.StringIO(text, newline="")))
@@ -144,6 +147,17 @@ def read_csv_table(path: Path, allowed: set[str], required: set[str], problems: 
             continue
         rows.append((number, dict(zip(columns, record))))
     return CsvTable(path, columns, rows)
+
+
+def _rows_with_bad_bytes(raw: bytes) -> list[int]:
+    """CSV rows (header = 1) holding bytes that are not UTF-8; quoted line breaks are respected."""
+    text = raw.decode("utf-8", errors="surrogateescape")  # bad bytes become lone surrogates
+    try:
+        records = csv.reader(io.StringIO(text, newline=""))
+        return [n for n, record in enumerate(records, start=1)
+                if any("\udc80" <= ch <= "\udcff" for cell in record for ch in cell)]
+    except csv.Error:
+        return []
 
 
 def parse_float(value: str, what: str, file: Path, row: int, problems: Problems) -> float | None:

@@ -260,11 +260,12 @@ def test_latin1_csv_is_reported_with_its_row_and_a_fix(tmp_path, grid):
     root = tmp_path / "ds"
     put(grid["bbaf2n"], root / "Raw" / "v" / "1.mpg")
     put(grid["brbk7n"], root / "Raw" / "v" / "2.mpg")
-    csv_path = write_csv(root / "label.csv", "video_id,clip_id,text\nv,1,plain\nv,2,très bien\n",
-                         encoding="latin-1")
+    csv_path = write_csv(root / "label.csv", 'video_id,clip_id,text\nv,1,"two\nlines"\nv,2,très bien\r\n'
+                         'v,3,déjà\n', encoding="latin-1")
     [problem] = problems_of(root)
-    assert problem.startswith(f"{csv_path}, row 3:")
-    assert "not valid UTF-8" in problem and "Latin-1" in problem and "re-encode" in problem
+    assert problem.startswith(f"{csv_path}, row 3:")  # the third record, on the fourth line
+    assert "not valid UTF-8" in problem and "rows 3, 4 affected" in problem
+    assert "Latin-1" in problem and "re-encode" in problem and "iconv" in problem
     # the same text as UTF-8 (with a BOM, as spreadsheet programs write it) is fine
     write_csv(root / "label.csv", "\ufeffvideo_id,clip_id,text\nv,1,plain\nv,2,très bien\n")
     assert build_manifest(root)["text"].tolist() == ["plain", "très bien"]
