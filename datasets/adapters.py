@@ -1,8 +1,8 @@
 """The dataset formats `msaflow manifest` reads: a registry of name -> adapter class.
 
-An adapter has `name`, `detect(root, cfg) -> bool` and `read(root, cfg, problems) ->
-list[ClipRecord]`. `--format auto` takes the first adapter, in registry order, whose
-`detect` accepts the dataset; `folder` accepts anything, so it comes last.
+An adapter (`msaflow.datasets.base.DatasetAdapter`) has `name`, `detect(root, cfg) -> bool`
+and `read(root, cfg, problems) -> list[ClipRecord]`. `--format auto` takes the first adapter,
+in registry order, whose `detect` accepts the dataset; `folder` accepts anything, so it is last.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from msaflow.datasets.base import DatasetAdapter
 from msaflow.datasets.folder import FolderAdapter
 from msaflow.datasets.mmsa_raw import MmsaRawAdapter
 from msaflow.datasets.segments import SegmentsAdapter
@@ -17,14 +18,14 @@ from msaflow.datasets.segments import SegmentsAdapter
 if TYPE_CHECKING:
     from msaflow.pipeline.manifest import ManifestConfig
 
-ADAPTERS: dict[str, type] = {
+ADAPTERS: dict[str, type[DatasetAdapter]] = {
     MmsaRawAdapter.name: MmsaRawAdapter,
     SegmentsAdapter.name: SegmentsAdapter,
     FolderAdapter.name: FolderAdapter,
 }
 
 
-def select_adapter(root: Path, cfg: ManifestConfig):
+def select_adapter(root: Path, cfg: ManifestConfig) -> DatasetAdapter:
     """The adapter named by `cfg.format`, or for `auto` the first that recognises the dataset."""
     if cfg.format != "auto":
         return ADAPTERS[cfg.format]()

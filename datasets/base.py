@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from msaflow.pipeline.manifest import ManifestConfig
@@ -84,6 +84,18 @@ class ClipRecord:
     @property
     def id(self) -> str:
         return f"{self.video_id}/{self.clip_id}"
+
+
+class DatasetAdapter(Protocol):
+    """A dataset format: recognises its layout and reads it into clip records."""
+
+    name: ClassVar[str]
+
+    def detect(self, root: Path, cfg: ManifestConfig) -> bool:
+        """True when `root` looks like this format (used by `--format auto`)."""
+
+    def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
+        """Every valid clip; each invalid row is reported to `problems` and left out."""
 
 
 @dataclass
