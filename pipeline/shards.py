@@ -16,6 +16,7 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import re
 import sys
 import tarfile
@@ -192,6 +193,7 @@ class SplitResult:
     shards: list[dict] = field(default_factory=list)
     modalities: dict[str, dict] = field(default_factory=dict)
     mode: str | None = None
+    clips: list[tuple[str, Clip]] = field(default_factory=list)  # (key, clip) to write, manifest order
     failures: int = 0
     no_face: int = 0
     no_audio: int = 0
@@ -251,14 +253,14 @@ class _ShardSequence:
 
 
 def manifest_rows(path: Path) -> list[dict]:
-    """id, path, split of every manifest row, in order; a malformed manifest is an error naming the row."""
+    """Every manifest row, in order (labels as floats, NaN = empty); a bad split is an error naming the row."""
     try:
         df = read_manifest(path)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ShardsError(f"{path}: unreadable manifest ({exc})") from exc
     if list(df.columns) != MANIFEST_COLUMNS:
         raise ShardsError(f"{path}: manifest columns {list(df.columns)} differ from {MANIFEST_COLUMNS}")
-    rows = df[["id", "path", "split"]].to_dict("records")
+    rows = df.to_dict("records")
     for line, row in enumerate(rows, start=2):
         if row["split"] not in SPLITS:
             raise ShardsError(f"{path}, line {line}: unknown split {row['split']!r} (expected one of {SPLITS})")
@@ -287,6 +289,29 @@ def read_frontends(extract_dir: Path) -> dict:
     return found or {}
 
 
+def extract_config(extract_dir: Path, given: dict | None) -> dict:
+    """The validated extract config the clips were made with.
+
+    The chunk summaries record it; they must agree with each other and with `given` (the
+    `extract:` section of --config) when one is given. Without either, the defaults.
+    """
+    from msaflow.pipeline.extract import ExtractConfig
+
+    recorded = {}
+    for summary in sorted((extract_dir / "chunks").glob("*.json")):
+        if (used := json.loads(summary.read_text(encoding="utf-8")).get("config")) is not None:
+            recorded[summary] = ExtractConfig.model_validate(used).model_dump(mode="json")
+    reference = ExtractConfig.model_validate(given or {}).model_dump(mode="json") if given is not None \
+        else next(iter(recorded.values()), ExtractConfig().model_dump(mode="json"))
+    for summary, used in recorded.items():
+        if differing := [f"{k}: {used.get(k)!r} (expected {reference.get(k)!r})"
+                         for k in sorted(reference) if used.get(k) != reference.get(k)]:
+            raise ShardsError(f"{summary}: clips were extracted with another extract config than "
+                              f"{'--config gives' if given is not None else 'other chunks'}: "
+                              f"{'; '.join(differing)}")
+    return reference
+
+
 def _check_not_extracted(rows: list[dict], extract_dir: Path) -> None:
     missing = [row for row in rows if not (extract_dir / "clips" / f"{sanitize_key(row['id'])}.tar").exists()
                and not (extract_dir / "failures" / f"{sanitize_key(row['id'])}.json").exists()]
@@ -298,48 +323,74 @@ def _check_not_extracted(rows: list[dict], extract_dir: Path) -> None:
                           f"(run `msaflow extract` for all chunks first):\n{shown}{more}")
 
 
-def _shard_split(split: str, rows: list[dict], extract_dir: Path, out_dir: Path, cfg: ShardsConfig,
-                 failures: list[dict], progress: tqdm) -> SplitResult:
+# json field -> manifest column it must equal (a clip tar made from an older manifest is stale)
+_FROM_MANIFEST = ("video_id", "clip_id", "text", "split", "label", "label_T", "label_A", "label_V")
+
+
+def stale_fields(meta: dict, row: dict) -> list[str]:
+    """Fields where a clip's json disagrees with its manifest row (labels compared as numbers)."""
+    def same(a, b) -> bool:
+        if isinstance(b, float) or isinstance(a, float):
+            a_missing = a is None or (isinstance(a, float) and math.isnan(a))
+            b_missing = b is None or (isinstance(b, float) and math.isnan(b))
+            return a_missing == b_missing and (a_missing or math.isclose(float(a), float(b), abs_tol=1e-9))
+        return a == b
+    return [f"{name} {meta.get(name)!r} (manifest: {row[name]!r})"
+            for name in _FROM_MANIFEST if name in row and not same(meta.get(name), row[name])]
+
+
+def _plan_split(split: str, rows: list[dict], extract_dir: Path, failures: list[dict],
+                stale: list[str], progress: tqdm) -> SplitResult:
+    """Read and check every clip of a split (headers only); the clips to write, in manifest order."""
     result = SplitResult(split, manifest_rows=len(rows))
-    split_dir = out_dir / split
+    for row in rows:
+        progress.update()
+        key = sanitize_key(row["id"])
+        tar_path = extract_dir / "clips" / f"{key}.tar"
+        if not tar_path.exists():
+            failures.append(read_failure_record(extract_dir / "failures" / f"{key}.json") | {"id": row["id"]})
+            result.failures += 1
+            continue
+        try:
+            clip = read_clip(tar_path, key, row["id"])
+            if differing := stale_fields(clip.meta, row):
+                stale.append(f"  {tar_path}: {'; '.join(differing)}")
+                continue
+            schema = member_schema(clip)
+            if result.mode is None:
+                result.mode, result.modalities = clip.meta["mode"], schema
+            elif clip.meta["mode"] != result.mode:
+                raise ClipError(f"mode {clip.meta['mode']!r} differs from the split's {result.mode!r}")
+            elif schema != result.modalities:
+                raise ClipError(f"members {schema} differ from the split's {result.modalities}")
+        except ClipError as exc:
+            failures.append({"id": row["id"], "path": row["path"], "stage": "shards",
+                             "reason": f"{tar_path}: {exc}"})
+            result.failures += 1
+            continue
+        result.clips.append((key, clip))
+        result.no_face += clip.meta.get("n_face_frames") == 0
+        result.no_audio += not clip.meta.get("has_audio", True)
+        result.empty_text += not clip.meta.get("has_text", True)
+    return result
+
+
+def _write_split(result: SplitResult, out_dir: Path, cfg: ShardsConfig, progress: tqdm) -> None:
+    split_dir = out_dir / result.split
     split_dir.mkdir(parents=True, exist_ok=True)
-    writer = _ShardSequence(split_dir, split, cfg.max_samples, cfg.max_bytes)
+    writer = _ShardSequence(split_dir, result.split, cfg.max_samples, cfg.max_bytes)
     try:
-        for row in rows:
-            progress.update()
-            key = sanitize_key(row["id"])
-            tar_path = extract_dir / "clips" / f"{key}.tar"
-            if not tar_path.exists():
-                failures.append(read_failure_record(extract_dir / "failures" / f"{key}.json") | {"id": row["id"]})
-                result.failures += 1
-                continue
-            try:
-                clip = read_clip(tar_path, key, row["id"])
-                schema = member_schema(clip)
-                if result.mode is None:
-                    result.mode, result.modalities = clip.meta["mode"], schema
-                elif clip.meta["mode"] != result.mode:
-                    raise ClipError(f"mode {clip.meta['mode']!r} differs from the split's {result.mode!r}")
-                elif schema != result.modalities:
-                    raise ClipError(f"members {schema} differ from the split's {result.modalities}")
-            except ClipError as exc:
-                failures.append({"id": row["id"], "path": row["path"], "stage": "shards",
-                                 "reason": f"{tar_path}: {exc}"})
-                result.failures += 1
-                continue
+        for key, clip in result.clips:
             writer.add(key, clip)
-            result.no_face += clip.meta.get("n_face_frames") == 0
-            result.no_audio += not clip.meta.get("has_audio", True)
-            result.empty_text += not clip.meta.get("has_text", True)
+            progress.update()
         result.shards = writer.finish()
     except BaseException:
         writer.abort()
         raise
     keep = {s["name"] for s in result.shards}
-    for stale in split_dir.glob(f"{split}-*.tar"):  # shards of an earlier, larger run
-        if re.fullmatch(rf"{split}-\d{{6}}\.tar", stale.name) and stale.name not in keep:
-            stale.unlink()
-    return result
+    for old in split_dir.glob(f"{result.split}-*.tar"):  # shards of an earlier, larger run
+        if re.fullmatch(rf"{result.split}-\d{{6}}\.tar", old.name) and old.name not in keep:
+            old.unlink()
 
 
 def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
@@ -350,15 +401,22 @@ def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsCo
     frontends = read_frontends(extract_dir)
     manifest_hash = sha256_file(manifest)
     failures: list[dict] = []
-    results = []
-    with tqdm(total=len(rows), desc="shards", unit="clip", file=sys.stderr) as progress:
-        for split in SPLITS:
-            split_rows = [row for row in rows if row["split"] == split]
-            results.append(_shard_split(split, split_rows, extract_dir, out_dir, cfg, failures, progress))
+    stale: list[str] = []
+    with tqdm(total=len(rows), desc="check clips", unit="clip", file=sys.stderr) as progress:
+        results = [_plan_split(split, [row for row in rows if row["split"] == split], extract_dir, failures,
+                               stale, progress) for split in SPLITS]
+    if stale:
+        more = f"\n  ... and {len(stale) - 20} more" if len(stale) > 20 else ""
+        raise ShardsError(f"{len(stale)} clip tar(s) in {extract_dir} were extracted from an older manifest "
+                          f"(delete them and run the extraction again):\n" + "\n".join(stale[:20]) + more)
     modes = {r.mode for r in results if r.mode}
     if len(modes) > 1:
         raise ShardsError(f"clips in {extract_dir} mix modes {sorted(modes)}: re-extract with one mode")
     mode = modes.pop() if modes else None
+    with tqdm(total=sum(len(r.clips) for r in results), desc="write shards", unit="clip",
+              file=sys.stderr) as progress:
+        for r in results:
+            _write_split(r, out_dir, cfg, progress)
     for r in results:
         write_json_atomic(out_dir / r.split / "index.json", {
             "split": r.split, "mode": mode, "n_samples": r.samples, "shards": r.shards,
@@ -411,7 +469,8 @@ def main(args: argparse.Namespace) -> int:
         section = read_section(args.config, "shards") if args.config else {}
         overrides = {"max_samples": args.max_samples, "max_bytes": args.max_bytes}
         cfg = ShardsConfig.model_validate(section | {k: v for k, v in overrides.items() if v is not None})
-        config_hash = extract_config_hash(read_section(args.config, "extract") if args.config else {})
+        given = read_section(args.config, "extract") if args.config else None
+        config_hash = extract_config_hash(extract_config(args.extract_dir, given))
         if not args.manifest.is_file():
             raise ShardsError(f"{args.manifest}: manifest not found")
         if not (args.extract_dir / "clips").is_dir() and not (args.extract_dir / "failures").is_dir():

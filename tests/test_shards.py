@@ -48,18 +48,18 @@ def make_extraction(tmp: Path, clips: list[tuple[str, str]], failed: dict[str, s
     extract_dir, rows = tmp / "extract", []
     for i, (clip_id, split) in enumerate([*clips, *((c, "train") for c in failed)]):
         media = tmp / "media" / f"{sanitize_key(clip_id)}.mp4"
-        rows.append({"id": clip_id, "video_id": clip_id.split("/")[0], "clip_id": clip_id.split("/")[1],
-                     "path": str(media), "start": "", "end": "", "text": "bin blue", "label": "0.0",
-                     "split": split, "label_T": "", "label_A": "", "label_V": ""})
         key = sanitize_key(clip_id)
+        members = raw_members(clip_id, split, 1.0 + 0.2 * (i % 3), **member_kw.get(clip_id, {}))
+        meta = members["json"]
+        rows.append({"id": clip_id, "video_id": meta["video_id"], "clip_id": meta["clip_id"], "path": str(media),
+                     "start": "", "end": "", "text": meta["text"], "label": "0.0", "split": split,
+                     "label_T": "", "label_A": "", "label_V": ""})
         if clip_id in failed:
             (extract_dir / "failures").mkdir(parents=True, exist_ok=True)
             (extract_dir / "failures" / f"{key}.json").write_text(json.dumps(
                 {"id": clip_id, "path": str(media), "stage": "decode", "reason": failed[clip_id]}))
         else:
-            kw = member_kw.get(clip_id, {})
-            write_sample_tar(extract_dir / "clips" / f"{key}.tar", key,
-                             raw_members(clip_id, split, 1.0 + 0.2 * (i % 3), **kw))
+            write_sample_tar(extract_dir / "clips" / f"{key}.tar", key, members)
     manifest = tmp / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
@@ -151,6 +151,19 @@ def test_not_extracted_row_is_an_error_naming_it(tmp_path, capsys):
     assert not out.exists() or not any(out.rglob("*.tar"))
 
 
+def test_clip_tar_from_an_older_manifest_is_an_error_naming_it(tmp_path, capsys):
+    manifest, extract_dir = make_extraction(tmp_path, CLIPS)
+    lines = manifest.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("spk0/clip2,"))
+    lines[row] = lines[row].replace(",0.0,train,", ",-2.5,train,")  # the label changed after extraction
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "shards"
+    assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 clip tar(s)" in err and "spk0_clip2.tar: label 0.0 (manifest: -2.5)" in err
+    assert not out.exists() or not any(out.rglob("*.tar"))
+
+
 def test_broken_clip_tar_is_a_failure_and_others_go_on(tmp_path):
     manifest, extract_dir = make_extraction(tmp_path, CLIPS)
     broken = extract_dir / "clips" / "spk0_clip0.tar"
@@ -224,3 +237,22 @@ def test_plain_webdataset_multiworker_reads_every_sample_once(tmp_path):
     assert sorted(s["id"] for s in samples) == sorted(train_ids)  # each exactly once
     assert {s["worker"] for s in samples} == {0, 1}  # both workers took shards
     assert all(s["key"] == sanitize_key(s["id"]) for s in samples)
+
+
+def test_config_hash_is_of_the_extract_config_the_clips_were_made_with(tmp_path, capsys):
+    from msaflow.pipeline.config import extract_config_hash
+    from msaflow.pipeline.extract import ExtractConfig
+
+    manifest, extract_dir = make_extraction(tmp_path, CLIPS)
+    used = ExtractConfig(fps=FPS, detect_every=2).model_dump(mode="json")
+    (extract_dir / "chunks").mkdir()
+    (extract_dir / "chunks" / "1-of-1.json").write_text(json.dumps({"config": used}))
+    out = tmp_path / "shards"
+    assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out)]) == 0
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert index["config_hash"] == extract_config_hash(used) != extract_config_hash(ExtractConfig().model_dump())
+
+    (tmp_path / "other.yaml").write_text("extract:\n  fps: 25.0\n")  # not what the clips were made with
+    assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out),
+                     "--config", str(tmp_path / "other.yaml")]) == 2
+    assert "fps: 5.0 (expected 25.0)" in capsys.readouterr().err
