@@ -312,6 +312,10 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
                     blobs[suffix] = tar.extractfile(info).read()
             if key is not None:
                 yield from emit(offset, key, suffixes, blobs)
+            # a tar ends with two zero blocks; without them the file was cut short
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                raise ShardError(f"{path}: no end-of-archive marker after sample #{offset} (truncated shard)")
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardError(f"{path}: truncated or corrupt shard ({exc})") from exc
     if offset + 1 != entry.n_samples:
@@ -458,4 +462,4 @@ def make_loader(shard_dir: str | os.PathLike, split: str, batch_size: int, *, sh
                            world_size=default_world if world_size is None else world_size,
                            mode_hint=mode_hint, drop_last=drop_last, shuffle_buffer=shuffle_buffer)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None)
+                      prefetch_factor=2 if num_workers else None)
