@@ -276,8 +276,8 @@ def resolve_inside(root: Path, relative: str, what: str, file: Path | str, row: 
         problems.add(file, row, f"{what} {relative!r} escapes the dataset root {root}")
         return None
     if candidate.exists() and not Path(os.path.realpath(candidate)).is_relative_to(root):
-        problems.add(file, row, f"{what} {relative!r} is a symlink to {os.path.realpath(candidate)}, "
-                                f"outside the dataset root {root}")
+        problems.add(file, row, f"{what} {relative!r} leads through a symlink to "
+                                f"{os.path.realpath(candidate)}, outside the dataset root {root}")
         return None
     return candidate
 

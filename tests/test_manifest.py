@@ -126,15 +126,18 @@ def test_mmsa_raw_adapter_per_modality_labels_and_non_ascii_round_trip(tmp_path,
     put(grid["bbaf2n"], root / "Raw" / "vidA" / "1.mpg")
     put(grid["brbk7n"], root / "Raw" / "vidA" / "2.mpg")
     put(shared_data / "raw" / "hdtf" / "hdtf_aoc.mp4", root / "Raw" / "vidB" / "0001.mp4")
+    put(grid["lbax4n"], root / "Raw" / "café 漢字" / "1.mpg")
     tricky = 'Ça "marche", vraiment?\nOui — 很好 😀 ; NA'
     write_csv(root / "label.csv", MMSA_HEADER
               + "vidA,1,bin blue at f two now,1.4,1.0,-0.5,0.2,Positive,train\n"
               + 'vidA,2,"' + tricky.replace('"', '""') + '",-2.8,,,,Negative,VAL\n'
-              + "vidB,0001,,,,,,,\n")
+              + "vidB,0001,,,,,,,\n"
+              + "café 漢字,1,lay blue at x four now,0,,,,,test\n")
     df = build_manifest(root)
     assert df.attrs["format"] == "mmsa-raw"
-    assert list(df["id"]) == ["vidA/1", "vidA/2", "vidB/0001"]
-    assert list(df["split"]) == ["train", "valid", "test"]  # alias, then the default split
+    assert list(df["id"]) == ["vidA/1", "vidA/2", "vidB/0001", "café 漢字/1"]
+    assert sanitize_key(df.loc[3, "id"]) == "caf_____1"
+    assert list(df["split"]) == ["train", "valid", "test", "test"]  # alias, then the default split
     assert df.loc[0, ["label", "label_T", "label_A", "label_V"]].tolist() == [1.4, 1.0, -0.5, 0.2]
     assert pd.isna(df.loc[2, "label"]) and df.loc[2, "text"] == ""
     assert df.loc[2, "path"] == str((root / "Raw" / "vidB" / "0001.mp4").resolve())
@@ -244,6 +247,16 @@ def test_mmsa_raw_validation_collects_every_error(tmp_path, grid):
 
     # a wider label range (CH-SIMS is [-1, 1], others differ): the range is the dataset's
     assert not any("row 8" in p for p in problems_of(root, ManifestConfig(label_range=(-5, 5))))
+
+
+def test_mmsa_raw_video_folder_symlinked_out_of_the_root(tmp_path, grid):
+    root = tmp_path / "ds"
+    put(grid["bbaf2n"], root / "Raw" / "in" / "1.mpg")
+    put(grid["brbk7n"], tmp_path / "outside" / "1.mpg")
+    (root / "Raw" / "out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    csv_path = write_csv(root / "label.csv", "video_id,clip_id\nin,1\nout,1\n")
+    [problem] = problems_of(root)
+    assert problem.startswith(f"{csv_path}, row 3:") and "symlink" in problem and "outside the dataset root" in problem
 
 
 def test_unknown_and_missing_columns(tmp_path, grid):
