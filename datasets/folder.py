@@ -1,5 +1,5 @@
 """A folder of videos (searched recursively), each file one whole clip, with an optional CSV
-(`labels.csv` in the root, or `--labels`) of `file` or `video_id` plus `[text], [label],
+(`labels.csv` or `label.csv` in the root, or `--labels`) of `file` or `video_id` plus `[text], [label],
 [split], [label_T, label_A, label_V]`.
 
 A clip's `video_id` is its path relative to the root without the extension (`talk.mp4` ->
@@ -43,14 +43,13 @@ def scan_videos(root: Path, videos: VideoIndex, problems: Problems) -> list[Path
 
 class FolderAdapter:
     name = "folder"
-    default_csv = "labels.csv"
+    default_csvs = ("labels.csv", "label.csv")  # the first that exists in the root
     columns = {"file", "video_id", "text", "label", "split", "label_T", "label_A", "label_V"}
 
     def csv_path(self, root: Path, cfg: ManifestConfig) -> Path | None:
         if cfg.labels:
             return Path(cfg.labels)
-        default = root / self.default_csv
-        return default if default.is_file() else None
+        return next((root / name for name in self.default_csvs if (root / name).is_file()), None)
 
     def detect(self, root: Path, cfg: ManifestConfig) -> bool:
         return True  # any folder is a folder of videos: the fallback format

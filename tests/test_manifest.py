@@ -372,10 +372,12 @@ def test_cli_writes_manifest_and_exits_2_listing_every_error(tmp_path, grid, cap
 
 
 def test_empty_dataset_is_an_error(tmp_path):
-    (tmp_path / "empty").mkdir()
-    write_csv(tmp_path / "empty" / "label.csv", "video_id,clip_id,text\n")  # no Raw/: not mmsa-raw
+    write_csv(tmp_path / "empty" / "notes.txt", "no videos here\n")
     [problem] = problems_of(tmp_path / "empty")
     assert "no clips found (read as folder)" in problem and "Raw/<video_id>/<clip_id>" in problem
+    # an MMSA label.csv without its Raw/ folder is not silently ignored
+    csv_path = write_csv(tmp_path / "empty" / "label.csv", "video_id,clip_id,text\n")
+    assert_problem(problems_of(tmp_path / "empty"), str(csv_path), 1, "unknown column 'clip_id'")
 
 
 def test_console_script_exit_status(tmp_path):
