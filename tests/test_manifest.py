@@ -201,8 +201,13 @@ def test_format_auto_detection_and_explicit_format(tmp_path, grid):
     put(grid["bbaf2n"], root / "Raw" / "v" / "1.mpg")
     write_csv(root / "label.csv", "video_id,clip_id,label\nv,1,0\n")
     assert build_manifest(root).attrs["format"] == "mmsa-raw"
-    folder = build_manifest(root, ManifestConfig(format="folder"))
+    # an explicit format wins; the folder format reads the MMSA label.csv and says why it cannot
+    assert_problem(problems_of(root, ManifestConfig(format="folder")), str(root / "label.csv"), 1,
+                   "unknown column 'clip_id'")
+    own = write_csv(tmp_path / "own.csv", "file,label\nRaw/v/1.mpg,1.5\n")
+    folder = build_manifest(root, ManifestConfig(format="folder", labels=str(own)))
     assert folder.attrs["format"] == "folder" and list(folder["id"]) == ["Raw/v/1/whole"]
+    assert folder["label"].tolist() == [1.5]
     segments = write_csv(tmp_path / "mine.csv", "video_id,start,end\nRaw/v/1,0,1\n")
     assert_problem(problems_of(root, ManifestConfig(labels=str(segments))), str(segments), 2,
                    "video_id", "escapes")
