@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from msaflow.pipeline.config import WorkflowConfig, canonical_json
+from msaflow.pipeline.config import WorkflowConfig, canonical_json, extract_config_hash
 
 # The rules call the `msaflow` console script installed beside the Python running Snakemake,
 # so the workflow works from a virtual environment that is not activated.
@@ -24,6 +24,9 @@ validate(config, "pipeline/schemas/workflow.schema.json")
 CFG = WorkflowConfig.model_validate(config)
 RUN = f"results/{CFG.run_name}"
 N_CHUNKS = CFG.workflow.extract_chunks
+# Clip tars are reused across runs (resume), so each extract config gets its own folder:
+# changing a knob re-extracts instead of mixing clips made with different settings.
+EXTRACT_DIR = f"{RUN}/extract-{extract_config_hash(CFG.extract.model_dump(mode='json'))[:12]}"
 # Each command reads its own section from this copy of the validated config (defaults filled in).
 CONFIG_FILE = f"{RUN}/config.yaml"
 
@@ -76,9 +79,9 @@ rule extract:
     input:
         manifest=rules.manifest.output[0],
     output:
-        f"{RUN}/extract/chunks/{{k}}-of-{N_CHUNKS}.json",
+        f"{EXTRACT_DIR}/chunks/{{k}}-of-{N_CHUNKS}.json",
     params:
-        out=f"{RUN}/extract",
+        out=EXTRACT_DIR,
         n=N_CHUNKS,
         config=CONFIG_FILE,
         sections=section_hash("extract"),
@@ -92,7 +95,7 @@ rule extract:
         mem_mb=CFG.workflow.extract_mem_mb,
         runtime=24 * 60,
         gpu=CFG.workflow.extract_gpus,
-    threads: CFG.workflow.extract_threads
+    threads: max(1, CFG.extract.threads)
     shell:
         "msaflow extract {input.manifest:q} -o {params.out:q} --config {params.config:q}"
         " --chunk {wildcards.k}/{params.n} > {log:q} 2>&1"
@@ -101,11 +104,11 @@ rule extract:
 rule shards:
     input:
         manifest=rules.manifest.output[0],
-        chunks=expand(rules.extract.output[0], k=range(N_CHUNKS)),
+        chunks=expand(rules.extract.output[0], k=range(1, N_CHUNKS + 1)),  # chunks are 1-based
     output:
         f"{RUN}/shards/summary.json",
     params:
-        extract=f"{RUN}/extract",
+        extract=EXTRACT_DIR,
         out=f"{RUN}/shards",
         config=CONFIG_FILE,
         sections=section_hash("extract", "shards"),

@@ -21,12 +21,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
+from msaflow.pipeline.extract import ExtractConfig
 from msaflow.pipeline.manifest import ManifestConfig
 from msaflow.pipeline.shards import ShardsConfig
-
-# TODO: compose the extract step's own model once it exists:
-#   from msaflow.pipeline.extract import ExtractConfig     -> `extract` section
-ExtractConfig = dict[str, Any]
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "workflow.schema.json"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -44,9 +41,9 @@ class WorkflowSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     extract_chunks: PositiveInt = Field(2, description="parallel `msaflow extract --chunk K/N` jobs")
-    extract_threads: PositiveInt = Field(1, description="threads per extraction job")
     extract_mem_mb: PositiveInt = Field(4000, description="memory per extraction job (MB)")
-    extract_gpus: int = Field(0, ge=0, description="GPUs per extraction job (Snakemake resource `gpu`)")
+    extract_gpus: int = Field(0, ge=0, description="GPUs per extraction job (Snakemake resource `gpu`; "
+                                                   "bound them with snakemake --resources gpu=N)")
 
 
 class WorkflowConfig(BaseModel):
@@ -57,7 +54,7 @@ class WorkflowConfig(BaseModel):
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="results/<run_name>/")
     dataset: DatasetSection
     workflow: WorkflowSection = Field(default_factory=WorkflowSection)
-    extract: ExtractConfig = Field(default_factory=dict, description="options of `msaflow extract`")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="options of `msaflow extract`")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="options of `msaflow shards`")
 
 
@@ -97,7 +94,7 @@ def canonical_json(obj: Any) -> str:
 
 def extract_config_hash(section: dict) -> str:
     """sha256 of the canonical JSON of the validated extract config (defaults filled in)."""
-    validated = section  # TODO: ExtractConfig.model_validate(section).model_dump(mode="json")
+    validated = ExtractConfig.model_validate(section).model_dump(mode="json")
     return hashlib.sha256(canonical_json(validated).encode("utf-8")).hexdigest()
 
 
