@@ -1,0 +1,195 @@
+"""One clip → its raw-mode members → `clips/<key>.tar` (docs/data-contracts.md §2-3).
+
+Two passes over the video, each streamed in chunks of `chunk_frames` output frames:
+detection on the detection frames, then (once the clip's face track is known) cropping
+of the frames that have a face. Crops go into an on-disk .npy memmap that the tar writer
+streams, so a long clip never holds its frames or crops in memory. When the whole clip
+fits in one chunk it is decoded once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from msaflow.extractors import audio, face, video
+from msaflow.extractors.video import DecodeError
+
+STAGES = ("decode", "detect", "crop", "fbank", "text", "write")
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    """One manifest row, parsed."""
+
+    row: int  # 1-based data row in the manifest (for messages)
+    id: str
+    key: str
+    video_id: str
+    clip_id: str
+    path: str
+    start: float | None
+    end: float | None
+    text: str
+    label: float | None
+    split: str
+    label_T: float | None = None
+    label_A: float | None = None
+    label_V: float | None = None
+
+
+class StageTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
+
+def _segment(job: ClipJob, info: video.VideoInfo | None, audio_s: float | None) -> tuple[float, float]:
+    """[start, end) in seconds: the manifest's, else the video stream (else the audio stream)."""
+    start = job.start if job.start is not None else 0.0
+    end = job.end if job.end is not None else (info.duration_s if info is not None else audio_s or 0.0)
+    if start < 0 or end <= start:
+        raise DecodeError("segment", f"invalid segment [{start}, {end}) s")
+    media_end = max(info.duration_s if info is not None else 0.0, audio_s or 0.0)
+    if start >= media_end:
+        raise DecodeError("segment", f"segment [{start}, {end}) s starts after the media ends "
+                                     f"({media_end:.3f} s)")
+    return start, end
+
+
+class ClipExtractor:
+    """Everything one extraction process reuses across clips: config, detector, tokenizer."""
+
+    def __init__(self, cfg, device: str = "cpu", frontends: dict | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.detector = face.FaceDetector(device=device, scale=cfg.detect_scale, min_size=cfg.min_face_size,
+                                          min_prob=cfg.min_face_prob, thresholds=tuple(cfg.mtcnn_thresholds),
+                                          batch_size=cfg.detect_batch)
+        self.frontends = frontends
+
+    def extract(self, job: ClipJob, out_dir: Path) -> dict:
+        """Write `out_dir/clips/<key>.tar`; return the clip's counts and seconds per stage.
+        Raises DecodeError (with its stage) when the clip cannot be extracted."""
+        cfg, timer = self.cfg, StageTimer()
+        scratch = out_dir / "tmp" / job.key
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        try:
+            with timer("decode"):
+                reader, info = video.open_video(job.path)
+                start0 = job.start or 0.0
+                end0 = job.end if job.end is not None else (info.duration_s if info is not None else None)
+                wav = audio.decode_audio(job.path, info.begin_s if info is not None else None, start0, end0)
+            if info is None and wav is None:
+                raise DecodeError("open", "the file has neither a video nor an audio stream")
+            audio_s = start0 + len(wav) / audio.SAMPLE_RATE if wav is not None else None
+            start, end = _segment(job, info, audio_s)
+            duration = end - start
+            n_frames = video.n_output_frames(duration, cfg.fps)
+            face_path, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
+            with timer("fbank"):
+                n_steps = audio.fbank_steps(duration)
+                fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels)
+            with timer("text"):
+                from msaflow.extractors.text import tokenize
+
+                text_ids = np.asarray(tokenize(job.text, cfg.text_max_len, cfg.text_model), np.int64)
+            meta = {
+                "id": job.id, "video_id": job.video_id, "clip_id": job.clip_id, "text": job.text,
+                "label": job.label, "label_T": job.label_T, "label_A": job.label_A, "label_V": job.label_V,
+                "split": job.split, "start": start, "end": end, "duration": duration, "fps": cfg.fps,
+                "sample_rate": audio.SAMPLE_RATE, "n_frames": n_frames,
+                "n_face_frames": int(vision_mask.sum()), "has_audio": wav is not None and len(wav) > 0,
+                "has_text": bool(job.text.strip()), "mode": "raw",
+            }
+            members = {
+                "json": meta, "face.npy": face_path, "vision_mask.npy": vision_mask,
+                "wav.npy": wav if wav is not None else np.zeros(0, np.int16),
+                "fbank.npy": fbank, "audio_mask.npy": audio_mask, "text_ids.npy": text_ids,
+            }
+            if self.frontends is not None:
+                with timer("features"):
+                    from msaflow.extractors.frontends import raw_to_features
+
+                    members = raw_to_features(members, self.frontends)
+            with timer("write"):
+                from msaflow.pipeline.tario import write_sample_tar
+
+                write_sample_tar(out_dir / "clips" / f"{job.key}.tar", job.key, members)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return {"key": job.key, "n_frames": n_frames, "n_face_frames": meta["n_face_frames"],
+                "has_audio": meta["has_audio"], "has_text": meta["has_text"],
+                "seconds": dict(timer.seconds)}
+
+    def _faces(self, reader, info, start: float, n_frames: int, scratch: Path, timer: StageTimer):
+        """(path of face.npy memmap (n_frames, S, S, 3), vision mask (n_frames,))."""
+        cfg = self.cfg
+        size = cfg.face_size
+        face_path = scratch / "face.npy"
+        crops = np.lib.format.open_memmap(face_path, mode="w+", dtype=np.uint8,
+                                          shape=(n_frames, size, size, 3))
+        if info is None or n_frames == 0:
+            del crops
+            return face_path, np.zeros(n_frames, bool)
+        indices = video.source_indices(info, start, n_frames, cfg.fps)
+        detect_at = face.detection_frames(n_frames, cfg.detect_every)
+        detect_at = detect_at[indices[detect_at] >= 0]
+        whole = None  # (positions, frames) when the clip fits in one chunk: decode once
+        if np.count_nonzero(indices >= 0) <= cfg.chunk_frames:
+            with timer("decode"):
+                whole = next(video.iter_frame_chunks(reader, indices, cfg.chunk_frames), None)
+        found: list[face.FrameFaces] = []
+        if whole is not None:
+            rows = np.searchsorted(whole[0], detect_at)
+            with timer("detect"):
+                found = self.detector.detect(whole[1][rows], detect_at)
+        else:
+            sparse = np.full(n_frames, -1, np.int64)
+            sparse[detect_at] = indices[detect_at]
+            chunks = video.iter_frame_chunks(reader, sparse, cfg.chunk_frames)
+            while True:
+                with timer("decode"):
+                    item = next(chunks, None)
+                if item is None:
+                    break
+                with timer("detect"):
+                    found += self.detector.detect(item[1], item[0])
+        with timer("detect"):
+            max_gap = max(cfg.detect_every, int(round(cfg.fill_gap_s * cfg.fps)))
+            track = face.choose_track(face.link_tracks(found, cfg.track_iou, max_gap), len(detect_at))
+            boxes, marks, present = face.fill_track(track, n_frames, max_gap)
+            present &= indices >= 0
+        if whole is not None:
+            chunks = iter([whole])
+        else:
+            wanted = np.where(present, indices, -1)
+            chunks = video.iter_frame_chunks(reader, wanted, cfg.chunk_frames)
+        while True:
+            with timer("decode"):
+                item = next(chunks, None)
+            if item is None:
+                break
+            positions, frames = item
+            keep = present[positions]
+            positions, frames = positions[keep], frames[keep]
+            with timer("crop"):
+                crops[positions] = face.crop_faces(frames, boxes[positions], marks[positions], size,
+                                                   cfg.face_margin, cfg.align_faces, self.device)
+        crops.flush()
+        del crops
+        return face_path, present

@@ -1,0 +1,276 @@
+"""`msaflow extract`: manifest rows → per-clip tars (docs/data-contracts.md §2).
+
+Each clip is decoded, face-tracked and cropped in an isolated worker process
+(`extract_pool`); a clip that fails gets `failures/<key>.json` and the others go on. A clip
+whose tar or failure record exists is skipped (resume). The chunk ends with a summary
+`chunks/<K>-of-<N>.json` and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tarfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class ExtractConfig(BaseModel):
+    """Knobs of the extraction step (defaults: config/extract.yaml says the same, with why)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["raw", "features"] = "raw"
+    frontends: str = Field("face=fer,audio=crepe-tiny,text=minilm",
+                           description="features mode: modality=front-end pairs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads in the worker; 0 = torch's default")
+    fps: float = Field(25.0, gt=0, description="output frame rate")
+    n_mels: int = Field(80, ge=1)
+    face_size: int = Field(112, ge=16, description="side of the square face crop, pixels")
+    face_margin: float = Field(0.25, ge=0, description="crop side = max(box w, h) x (1 + margin)")
+    align_faces: bool = Field(True, description="rotate crops so the eyes are level")
+    detect_scale: float = Field(0.5, gt=0, le=1, description="frames are downscaled by this for MTCNN")
+    detect_every: int = Field(5, ge=1, description="run MTCNN on every n-th output frame (+ the last)")
+    detect_batch: int = Field(32, ge=1, description="frames per MTCNN call")
+    min_face_size: int = Field(20, ge=1, description="smallest face side kept, full-resolution pixels")
+    min_face_prob: float = Field(0.9, ge=0, le=1)
+    mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    track_iou: float = Field(0.3, gt=0, le=1, description="min IoU to link a box to a track")
+    fill_gap_s: float = Field(0.5, ge=0, description="interpolate the track over gaps up to this long")
+    chunk_frames: int = Field(128, ge=1, description="frames decoded at a time (bounds memory)")
+    text_model: str = Field("minilm", description="tokenizer: 'minilm' or a local HF model folder")
+    text_max_len: int = Field(50, ge=2)
+    clip_timeout_s: float | None = Field(1800.0, gt=0, description="kill a worker stuck on one clip")
+
+    @model_validator(mode="after")
+    def _interpolation_covers_stride(self):
+        if self.fill_gap_s * self.fps < self.detect_every:
+            raise ValueError(f"fill_gap_s ({self.fill_gap_s} s = {self.fill_gap_s * self.fps:g} frames) must "
+                             f"cover detect_every ({self.detect_every} frames), or frames between "
+                             f"detections would never get a face")
+        return self
+
+
+def load_config(path: str | Path | None) -> ExtractConfig:
+    """ExtractConfig from a YAML that is the extract section or has an `extract:` key."""
+    if path is None:
+        return ExtractConfig()
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    section = data.get("extract", data) if "extract" in data else data
+    try:
+        return ExtractConfig.model_validate(section or {})
+    except Exception as exc:
+        raise ValueError(f"{path}: invalid extract config:\n{exc}") from exc
+
+
+def parse_chunk(text: str) -> tuple[int, int]:
+    """'K/N' → (K, N) with 1 <= K <= N: the K-th of N interleaved chunks (rows K-1, K-1+N, ...)."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--chunk {text!r}: expected K/N, e.g. 1/4") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--chunk {text!r}: need 1 <= K <= N")
+    return k, n
+
+
+def _float_or_none(value: str, column: str, row: int) -> float | None:
+    if value.strip() == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"row {row}: {column} {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"row {row}: {column} {value!r} is not finite")
+    return number
+
+
+def read_jobs(manifest: Path) -> tuple[list, list[dict]]:
+    """(ClipJobs, failure records of rows that cannot even be parsed), in manifest order."""
+    import pandas as pd
+
+    from msaflow.extractors.clip import ClipJob
+    from msaflow.pipeline.manifest import sanitize_key
+
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8")
+    missing = {"id", "path"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{manifest}: missing column(s) {sorted(missing)}")
+    jobs, bad = [], []
+    for i, rec in enumerate(table.to_dict("records"), start=1):
+        get = lambda c: str(rec.get(c, ""))  # noqa: E731
+        key = sanitize_key(get("id"))
+        try:
+            path = Path(get("path"))
+            if not path.is_absolute():
+                path = manifest.parent / path
+            jobs.append(ClipJob(
+                row=i, id=get("id"), key=key, video_id=get("video_id"), clip_id=get("clip_id"),
+                path=str(path), start=_float_or_none(get("start"), "start", i),
+                end=_float_or_none(get("end"), "end", i), text=get("text"),
+                label=_float_or_none(get("label"), "label", i), split=get("split"),
+                label_T=_float_or_none(get("label_T"), "label_T", i),
+                label_A=_float_or_none(get("label_A"), "label_A", i),
+                label_V=_float_or_none(get("label_V"), "label_V", i)))
+        except ValueError as exc:
+            bad.append({"id": get("id"), "key": key, "path": get("path"), "stage": "manifest",
+                        "reason": f"{manifest}: {exc}"})
+    return jobs, bad
+
+
+def _clip_meta(tar_path: Path) -> dict:
+    """The json member of an existing clip tar (its arrays are not read)."""
+    with tarfile.open(tar_path) as tar:
+        for info in tar:
+            if info.name.endswith(".json"):
+                return json.loads(tar.extractfile(info).read())
+    raise ValueError(f"{tar_path}: no json member")
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="manifest CSV (docs/data-contracts.md §1)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="EXTRACT_DIR")
+    p.add_argument("--mode", choices=["raw", "features"], help="default: the config's (raw)")
+    p.add_argument("--config", type=Path, help="YAML: the extract section, or a workflow config with `extract:`")
+    p.add_argument("--chunk", type=parse_chunk, default=(1, 1), metavar="K/N",
+                   help="process the K-th (1-based) of N interleaved chunks of the manifest")
+    p.add_argument("--frontends", help="features mode, e.g. face=fer,audio=crepe-tiny,text=minilm")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+
+def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = (1, 1),
+        progress: bool = True) -> dict:
+    """Extract one chunk of the manifest; return (and write) its summary."""
+    from tqdm import tqdm
+
+    from msaflow.extractors.clip import STAGES
+    from msaflow.pipeline.extract_pool import IsolatedExtractor
+    from msaflow.pipeline.tario import write_json_atomic
+
+    k, n = chunk
+    t0 = time.perf_counter()
+    jobs, bad_rows = read_jobs(manifest)
+    jobs = [j for j in jobs if (j.row - 1) % n == k - 1]
+    bad_rows = bad_rows if k == 1 else []  # rows that cannot be parsed: recorded by chunk 1 only
+    clips_dir, fail_dir = out / "clips", out / "failures"
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    fail_dir.mkdir(parents=True, exist_ok=True)
+    for bad in bad_rows:
+        if not (fail_dir / f"{bad['key']}.json").exists():
+            write_json_atomic(fail_dir / f"{bad['key']}.json", {x: bad[x] for x in ("id", "path", "stage", "reason")})
+
+    counts: Counter = Counter(clips=len(jobs) + len(bad_rows), failed=len(bad_rows))
+    seconds: dict[str, float] = defaultdict(float)
+    failures = [{x: b[x] for x in ("id", "path", "stage", "reason")} for b in bad_rows]
+    todo = []
+    for job in jobs:
+        tar, fail = clips_dir / f"{job.key}.tar", fail_dir / f"{job.key}.json"
+        if tar.exists():
+            meta = _clip_meta(tar)
+            counts.update(ok=1, resumed=1)
+            _count_modalities(counts, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"])
+        elif fail.exists():
+            counts.update(failed=1, resumed=1)
+            failures.append(json.loads(fail.read_text(encoding="utf-8")))
+        else:
+            todo.append(job)
+
+    device = _resolve_device(cfg.device)
+    spec = cfg.frontends if cfg.mode == "features" else None
+    if spec is not None:  # a bad spec fails here, before any worker starts
+        from msaflow.extractors.frontends import parse_spec
+
+        parse_spec(spec)
+    frontends_info = None
+    if todo:
+        with IsolatedExtractor(cfg, device, cfg.threads, spec, cfg.clip_timeout_s) as worker:
+            bar = tqdm(todo, desc=f"extract {k}/{n}", unit="clip", disable=not progress)
+            for job in bar:
+                result = worker.extract(job, out)
+                if "fatal" in result:
+                    raise RuntimeError(result["fatal"])
+                if result["ok"]:
+                    counts.update(ok=1)
+                    _count_modalities(counts, result["n_frames"], result["n_face_frames"],
+                                      result["has_audio"], result["has_text"])
+                    for stage, s in result["seconds"].items():
+                        seconds[stage] += s
+                else:
+                    record = {"id": job.id, "path": job.path, "stage": result["stage"], "reason": result["reason"]}
+                    write_json_atomic(fail_dir / f"{job.key}.json", record)
+                    failures.append(record)
+                    counts.update(failed=1)
+                    bar.write(f"failed: {job.id} ({job.path}): [{record['stage']}] {record['reason']}")
+            if spec is not None:
+                frontends_info = worker.describe_frontends()
+            counts["worker_restarts"] = worker.restarts
+    summary = {
+        "chunk": f"{k}/{n}", "mode": cfg.mode, "device": device,
+        "counts": {c: int(counts.get(c, 0)) for c in
+                   ("clips", "ok", "failed", "resumed", "no_face", "face_frames_missing", "no_audio",
+                    "empty_text", "worker_restarts")},
+        "seconds": {**{s: round(seconds.get(s, 0.0), 4) for s in STAGES},
+                    **({"features": round(seconds["features"], 4)} if "features" in seconds else {}),
+                    "wall": round(time.perf_counter() - t0, 4)},
+        "failures": failures,
+        "config": cfg.model_dump(mode="json"),
+    }
+    if frontends_info is not None:
+        summary["frontends"] = frontends_info
+    write_json_atomic(out / "chunks" / f"{k}-of-{n}.json", summary)
+    return summary
+
+
+def _count_modalities(counts: Counter, n_frames: int, n_face: int, has_audio: bool, has_text: bool) -> None:
+    counts["face_frames_missing"] += n_frames - n_face
+    counts["no_face"] += n_face == 0
+    counts["no_audio"] += not has_audio
+    counts["empty_text"] += not has_text
+
+
+def print_summary(summary: dict, file=sys.stdout) -> None:
+    c, s = summary["counts"], summary["seconds"]
+    print(f"extract {summary['chunk']} ({summary['mode']}, {summary['device']}): "
+          f"{c['ok']} ok, {c['failed']} failed of {c['clips']} clips ({c['resumed']} already done)", file=file)
+    print(f"  missing modalities: {c['no_face']} clips without any face "
+          f"({c['face_frames_missing']} frames without face), {c['no_audio']} without audio, "
+          f"{c['empty_text']} with empty text", file=file)
+    print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()), file=file)
+    for f in summary["failures"]:
+        print(f"  FAILED {f['id']} ({f['path']}): [{f['stage']}] {f['reason']}", file=file)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+        overrides = {k: v for k, v in (("mode", args.mode), ("frontends", args.frontends),
+                                       ("device", args.device)) if v is not None}
+        cfg = ExtractConfig.model_validate({**cfg.model_dump(), **overrides})
+        if not args.manifest.is_file():
+            raise ValueError(f"{args.manifest}: manifest not found")
+        summary = run(args.manifest, args.out, cfg, args.chunk)
+    except (ValueError, RuntimeError) as exc:
+        print(f"msaflow extract: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0

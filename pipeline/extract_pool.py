@@ -1,0 +1,150 @@
+"""Crash isolation for extraction: clips are decoded in a worker process.
+
+Decoders are native code; a corrupt file can crash one (segfault, abort) instead of
+raising. Each clip therefore runs in a single spawned worker process that is reused
+across clips (the detector, tokenizer and front-ends load once). When the worker dies,
+the clip it was working on is recorded as failed ("decoder crashed (signal ...)"), a
+fresh worker starts, and the run goes on. A clip that takes longer than `timeout_s`
+has its worker killed the same way.
+
+Fault injection for tests: when MSAFLOW_FAULT_ABORT_ON names a media file (its base
+name), the worker calls os.abort() on that file, which is indistinguishable from a
+decoder crash for the parent process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import traceback
+from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from pathlib import Path
+
+FAULT_ENV = "MSAFLOW_FAULT_ABORT_ON"
+
+_WORKER = {}  # the worker process's ClipExtractor
+
+
+def _init_worker(cfg_json: str, device: str, threads: int, frontend_spec: str | None) -> None:
+    try:
+        _build_extractor(cfg_json, device, threads, frontend_spec)
+    except Exception as exc:  # reported with the first clip, and the run stops
+        _WORKER["init_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def _build_extractor(cfg_json: str, device: str, threads: int, frontend_spec: str | None) -> None:
+    import torch
+
+    from msaflow.extractors.clip import ClipExtractor
+    from msaflow.pipeline.extract import ExtractConfig
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = ExtractConfig.model_validate_json(cfg_json)
+    frontends = None
+    if frontend_spec is not None:
+        from msaflow.extractors import frontends as fe
+
+        frontends = fe.build(fe.parse_spec(frontend_spec), device)
+    _WORKER["extractor"] = ClipExtractor(cfg, device=device, frontends=frontends)
+
+
+def _extract_in_worker(job_fields: dict, out_dir: str) -> dict:
+    from msaflow.extractors.clip import ClipJob
+    from msaflow.extractors.video import DecodeError
+
+    if "init_error" in _WORKER:
+        return {"ok": False, "fatal": f"extraction worker failed to start: {_WORKER['init_error']}"}
+    job = ClipJob(**job_fields)
+    if os.environ.get(FAULT_ENV) and Path(job.path).name == os.environ[FAULT_ENV]:
+        os.abort()
+    try:
+        return {"ok": True, **_WORKER["extractor"].extract(job, Path(out_dir))}
+    except DecodeError as exc:
+        return {"ok": False, "stage": exc.stage, "reason": exc.reason}
+    except Exception as exc:  # a bug or an unexpected decoder error: this clip only
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"ok": False, "stage": "extract",
+                "reason": f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"}
+
+
+def _describe_in_worker() -> dict | None:
+    frontends = _WORKER["extractor"].frontends if "extractor" in _WORKER else None
+    if not frontends:
+        return None
+    from msaflow.extractors.frontends import describe
+
+    return describe(frontends)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown exit"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+class IsolatedExtractor:
+    """Runs `ClipExtractor.extract` for one clip at a time in a reusable worker process."""
+
+    def __init__(self, cfg, device: str, threads: int = 0, frontend_spec: str | None = None,
+                 timeout_s: float | None = None):
+        self._initargs = (cfg.model_dump_json(), device, threads, frontend_spec)
+        self._timeout = timeout_s
+        self._pool: ProcessPoolExecutor | None = None
+        self.restarts = 0
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=self._initargs)
+        return self._pool
+
+    def _worker_processes(self) -> list:
+        return list(getattr(self._pool, "_processes", {}).values()) if self._pool else []
+
+    def _discard(self, kill: bool) -> str:
+        procs = self._worker_processes()
+        for proc in procs:
+            if kill and proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self.restarts += 1
+        return ", ".join(_describe_exit(p.exitcode) for p in procs) or "unknown exit"
+
+    def extract(self, job, out_dir: Path) -> dict:
+        """The worker's result dict: {"ok": True, counts, seconds} or {"ok": False, stage, reason}."""
+        future = self._start().submit(_extract_in_worker, asdict(job), str(out_dir))
+        try:
+            return future.result(timeout=self._timeout)
+        except BrokenProcessPool:
+            how = self._discard(kill=False)
+            return {"ok": False, "stage": "worker", "reason": f"decoder crashed ({how}); worker restarted"}
+        except FutureTimeout:
+            self._discard(kill=True)
+            return {"ok": False, "stage": "timeout",
+                    "reason": f"no result after {self._timeout:g} s; worker killed and restarted"}
+
+    def describe_frontends(self) -> dict | None:
+        """The worker's front-ends as `frontends.describe()` gives them (features mode)."""
+        return self._start().submit(_describe_in_worker).result(timeout=self._timeout)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "IsolatedExtractor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
