@@ -1,0 +1,180 @@
+"""`msaflow evaluate RUN_DIR [RUN_DIR ...] --data PKL`: test metrics at every missing rate (or noise level).
+
+One run: its best checkpoint is scored on the test split at each rate of the grid, every
+rate with fixed masks (seeded per sample id, the same for every model). Several runs
+(seeds, or a per-rate protocol's runs): they are scored and aggregated as mean ± std per
+rate; AUILC is taken over the seed-mean curve (the paper's convention) and, for its std,
+per seed. Which rates a run is scored at:
+- `single-model` runs: every rate of `--rates` (default 0.0:1.0:0.1);
+- `per-rate` runs: only the rate the run was trained at (the paper's protocol), unless
+  `--rates` is given explicitly.
+Writes metrics.json (shape in docs/model.md) and the same table as CSV beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msaflow.model.config import ModelConfig
+from msaflow.model.metrics import aggregate, auilc_table, compute_metrics
+from msaflow.model.missing import corrupt
+from msaflow.model.registry import build_model
+from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, load_mmsa_pickle
+from msaflow.pipeline.tario import atomic_path, write_json_atomic
+
+DEFAULT_GRID = "0.0:1.0:0.1"
+
+
+def parse_rates(spec: str) -> list[float]:
+    """"0.0:1.0:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
+    if ":" in spec:
+        start, stop, step = (float(x) for x in spec.split(":"))
+        if step <= 0:
+            raise ValueError(f"rate step must be > 0 in {spec!r}")
+        n = int(round((stop - start) / step))
+        return [round(start + i * step, 6) for i in range(n + 1)]
+    return [float(x) for x in spec.split(",") if x.strip()]
+
+
+def rate_key(rate: float) -> str:
+    return repr(round(float(rate), 6))
+
+
+@torch.no_grad()
+def predict(model, split: Split, *, corruption: str = "missing", level: float = 0.0, mask_seed: int = 0,
+            batch_size: int = 64, unk_id: int = 100) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Predictions of `model` (eval mode) on `split` corrupted at `level` with fixed per-sample masks."""
+    model.eval()
+    preds, labels, extras = [], [], defaultdict(float)
+    for batch in iterate_batches(split, batch_size):
+        out = model(corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed))
+        preds.append(out["pred"].float().numpy())
+        labels.append(batch["label"].numpy())
+        if "expensive_share" in out:  # dynamic-routing models report their compute use
+            extras["expensive_share"] += float(out["expensive_share"]) * len(batch["id"])
+    extras = {k: v / len(split) for k, v in extras.items()}
+    return np.concatenate(preds), np.concatenate(labels), extras
+
+
+def score(model, split: Split, rates: list[float], *, corruption: str, mask_seed: int, dataset: str,
+          unk_id: int) -> dict:
+    per_rate = {}
+    for r in rates:
+        pred, label, extras = predict(model, split, corruption=corruption, level=r, mask_seed=mask_seed, unk_id=unk_id)
+        per_rate[rate_key(r)] = {**compute_metrics(pred, label, dataset=dataset), **extras}
+    return per_rate
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, "torch.nn.Module"]:
+    """(run config, model with the best weights) of a training run directory."""
+    run_dir = Path(run_dir)
+    config_path, best_path = run_dir / "config.json", run_dir / "best.pt"
+    if not config_path.is_file() or not best_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a finished training run (needs config.json and best.pt)")
+    run = json.loads(config_path.read_text())
+    model = build_model(run["model"], ModelConfig.from_dict(run["model_config"]))
+    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    return run, model
+
+
+def run_metrics(run_dir: Path, splits: dict[str, Split], rates: list[float], corruption: str) -> dict:
+    saved = run_dir / "metrics.json"  # written by `msaflow train` at the end: reuse, the test set stays touched once
+    if corruption == "missing" and saved.is_file():
+        per_rate = json.loads(saved.read_text())["rates"]
+        if all(rate_key(r) in per_rate for r in rates):
+            return {rate_key(r): per_rate[rate_key(r)] for r in rates}
+    run, model = load_run(run_dir)
+    return score(model, splits["test"], rates, corruption=corruption, mask_seed=run["mask_seed"],
+                 dataset=run["dataset"], unk_id=run["model_config"]["unk_id"])
+
+
+def combine(results: list[tuple[dict, dict]]) -> dict:
+    """results: (run config, {rate: metrics}) per run → mean/std per rate, AUILC over the seed means."""
+    by_rate: dict[str, list[dict]] = defaultdict(list)
+    by_seed: dict[int, dict[str, dict]] = defaultdict(dict)
+    for run, per_rate in results:
+        for r, m in per_rate.items():
+            by_rate[r].append(m)
+            by_seed[run["seed"]][r] = m
+    rates = sorted(by_rate, key=float)
+    agg = {r: aggregate(by_rate[r]) for r in rates}
+    out = {
+        "rates": {r: agg[r]["mean"] for r in rates},
+        "rates_std": {r: agg[r]["std"] for r in rates},
+        "n_runs_per_rate": {r: agg[r]["n"] for r in rates},
+    }
+    if len(rates) >= 2:
+        out["AUILC"] = auilc_table(out["rates"])
+        complete_seeds = [s for s, pr in by_seed.items() if sorted(pr, key=float) == rates]
+        if complete_seeds:
+            out["AUILC_std"] = aggregate([auilc_table(by_seed[s]) for s in complete_seeds])["std"]
+    return out
+
+
+def write_csv(path: Path, metrics: dict) -> None:
+    keys = list(next(iter(metrics["rates"].values())).keys())
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rate"] + [c for k in keys for c in (k, f"{k}_std")])
+        rows = [(r, metrics["rates"][r], metrics["rates_std"].get(r, {})) for r in metrics["rates"]]
+        if "AUILC" in metrics:
+            rows.append(("AUILC", metrics["AUILC"], metrics.get("AUILC_std", {})))
+        for r, mean, std in rows:
+            w.writerow([r] + [c for k in keys for c in (_fmt(mean.get(k)), _fmt((std or {}).get(k)))])
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", type=Path, help="training run directories (seeds / per-rate runs are aggregated)")
+    p.add_argument("--data", required=True, type=Path, help="MMSA feature pickle (trusted file; it is unpickled)")
+    p.add_argument("--rates", default=None, help=f"grid 'start:stop:step' or 'a,b,c' (default {DEFAULT_GRID} for "
+                   "single-model runs, the training rate for per-rate runs)")
+    p.add_argument("--corruption", choices=["missing", "noise"], default="missing",
+                   help="missing: drop features at rate r; noise: add level*N(0,1) to audio/vision")
+    p.add_argument("-o", "--out", type=Path, required=True, help="metrics.json to write (CSV beside it)")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    runs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
+    zscores = {r["zscore"] for r in runs}
+    if len(zscores) != 1:
+        raise SystemExit("runs disagree on input normalisation (zscore); evaluate them separately")
+    splits = load_mmsa_pickle(args.data, zscore=zscores.pop())
+    results = []
+    for run_dir, run in zip(args.runs, runs):
+        if args.rates:
+            rates = parse_rates(args.rates)
+        elif run["protocol"] == "per-rate" and args.corruption == "missing":
+            rates = [run["missing_rate"]]
+        else:
+            rates = parse_rates(DEFAULT_GRID)
+        print(f"{run_dir}: {run['model']} seed {run['seed']} at {args.corruption} {rates}", flush=True)
+        results.append((run, run_metrics(Path(run_dir), splits, rates, args.corruption)))
+    metrics = combine(results)
+    metrics.update({
+        "n_test": len(splits["test"]),
+        "corruption": args.corruption,
+        "models": sorted({r["model"] for r in runs}),
+        "protocols": sorted({r["protocol"] for r in runs}),
+        "runs": [str(d) for d in args.runs],
+    })
+    write_json_atomic(args.out, metrics)
+    write_csv(args.out.with_suffix(".csv"), metrics)
+    for r, m in metrics["rates"].items():
+        print(f"{args.corruption} {r:>5}: MAE {m['MAE']:.3f}  Corr {m['Corr'] or float('nan'):.3f}  "
+              f"Acc-2 {m.get('Acc-2_non0') or float('nan'):.1f}")
+    if "AUILC" in metrics:
+        print("AUILC:", {k: None if v is None else round(v, 3) for k, v in metrics["AUILC"].items()})
+    return 0

@@ -1,0 +1,250 @@
+"""`msaflow train`: train EMT-DLFR (or any registered model) on an MMSA feature pickle.
+
+The loop, in order: for every batch draw the incomplete view (missing rate r fixed for the
+`per-rate` protocol, r ~ U[0, 1] per batch for `single-model`), loss = model.compute_loss
+(complete, incomplete), backward, an Adam step every `grad_accum` batches (loss not divided,
+an epoch's last partial group takes no step, as the released code). After each epoch:
+validation loss on the masked validation split (fixed masks), best weights kept, and a
+checkpoint with everything needed to continue bit-for-bit (model, optimiser, RNG states,
+epoch, best, history). Early stop after `patience` epochs without improvement. At the end
+the best weights are scored once on the test split (`metrics.json` in the run directory).
+
+A run directory that already holds a checkpoint resumes from it: a killed run restarted
+with the same command ends with the same metrics as an uninterrupted one (CPU, same seed,
+same thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
+from msaflow.model.missing import simulate_missing
+from msaflow.model.registry import available_models, build_model
+from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, rate_key, score
+from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, load_mmsa_pickle
+from msaflow.pipeline.tario import atomic_path, write_json_atomic
+
+PROTOCOLS = ("per-rate", "single-model")
+
+
+@dataclass
+class RunConfig:
+    data: str
+    model: str = "emt-dlfr"
+    dataset: str = "mosi"
+    protocol: str = "per-rate"
+    missing_rate: float = 0.0
+    seed: int = 0
+    mask_seed: int = 0  # fixed valid/test masks: the same for every model and training seed
+    fixed_train_masks: bool = False  # the released code's one-time draw of the train masks
+    valid_rates: list[float] = field(default_factory=list)
+    zscore: bool = True
+    threads: int = 2
+    limit: int = 0  # use only the first N samples of each split (smoke tests); 0 = all
+    model_config: dict = field(default_factory=dict)
+    optim_config: dict = field(default_factory=dict)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="MMSA feature pickle (trusted file; it is unpickled)")
+    p.add_argument("--model", default="emt-dlfr", help="registered model name (see --list-models)")
+    p.add_argument("--list-models", action="store_true", help="print the registered models and exit")
+    p.add_argument("--dataset", default="mosi", choices=["mosi", "mosei", "sims"], help="preset and metric family")
+    p.add_argument("--protocol", default="per-rate", choices=PROTOCOLS)
+    p.add_argument("--missing-rate", type=float, default=0.0, help="per-rate protocol: train/valid missing rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-seed", type=int, default=0, help="seed of the fixed valid/test masks")
+    p.add_argument("-o", "--out", type=Path, required=True, help="run directory")
+    p.add_argument("--config", type=Path, help="YAML with `model:` and `optim:` overrides")
+    p.add_argument("--epochs", type=int, help="maximum epochs (preset: 30)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (preset: 8)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--freeze-text", action="store_true", help="keep the text encoder frozen (fast CPU mode)")
+    p.add_argument("--text-model", help="'minilm' (default) or a local Hugging Face model folder")
+    p.add_argument("--fixed-train-masks", action="store_true",
+                   help="draw the train masks once per sample (released code) instead of per batch")
+    p.add_argument("--valid-rates", help="rates of the validation loss (default: the training rate for per-rate, "
+                   "0.0:1.0:0.2 for single-model)")
+    p.add_argument("--no-zscore", action="store_true", help="feed audio/vision unnormalised")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--limit", type=int, default=0, help="first N samples per split only (smoke tests)")
+
+
+def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunConfig:
+    model_cfg, optim_cfg = for_dataset(args.dataset)
+    if args.config:
+        import yaml
+
+        overrides = yaml.safe_load(args.config.read_text()) or {}
+        model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **overrides.get("model", {})})
+        optim_cfg = OptimConfig.from_dict({**optim_cfg.to_dict(), **overrides.get("optim", {})})
+    dims = feature_dims(splits["train"])
+    model_cfg = replace(model_cfg, modalities=tuple(splits["train"].modalities),
+                        d_audio=dims.get("audio", model_cfg.d_audio), d_vision=dims.get("vision", model_cfg.d_vision))
+    if args.freeze_text:
+        model_cfg.freeze_text = True
+    if args.text_model:
+        model_cfg.text_model = args.text_model
+    model_cfg.input_dim("text") if "text" in model_cfg.modalities else None  # resolve d_text now
+    for name, value in (("max_epochs", args.epochs), ("patience", args.patience), ("batch_size", args.batch_size),
+                        ("grad_accum", args.grad_accum)):
+        if value is not None:
+            setattr(optim_cfg, name, value)
+    if args.protocol == "per-rate":
+        valid_rates = parse_rates(args.valid_rates) if args.valid_rates else [args.missing_rate]
+    else:
+        valid_rates = parse_rates(args.valid_rates or "0.0:1.0:0.2")
+    return RunConfig(
+        data=str(args.data), model=args.model, dataset=args.dataset, protocol=args.protocol,
+        missing_rate=args.missing_rate, seed=args.seed, mask_seed=args.mask_seed,
+        fixed_train_masks=args.fixed_train_masks, valid_rates=valid_rates, zscore=not args.no_zscore,
+        threads=args.threads, limit=args.limit, model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
+    )
+
+
+def limit_splits(splits: dict[str, Split], n: int) -> dict[str, Split]:
+    if n <= 0:
+        return splits
+    return {k: Split(s.name, s.ids[:n], {t: v[:n] for t, v in s.tensors.items()}) for k, s in splits.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def validation_loss(model, split: Split, run: RunConfig, batch_size: int) -> dict[str, float]:
+    """Mean of the model's loss logs over the masked validation split, averaged over `valid_rates`."""
+    model.eval()
+    unk = run.model_config["unk_id"]
+    sums: dict[str, float] = {}
+    for rate in run.valid_rates:
+        for batch in iterate_batches(split, batch_size):
+            incomplete = simulate_missing(batch, rate, unk_id=unk, seed=run.mask_seed)
+            _, logs = model.compute_loss(batch, incomplete)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v * len(batch["id"])
+    return {k: v / (len(split) * len(run.valid_rates)) for k, v in sums.items()}
+
+
+def train_rate(run: RunConfig, generator: torch.Generator) -> float:
+    if run.protocol == "single-model":
+        return float(torch.rand((), generator=generator))
+    return run.missing_rate
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list_models:
+        print("\n".join(available_models()))
+        return 0
+    torch.set_num_threads(args.threads)
+    run_dir: Path = args.out
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, best_path, config_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.json"
+
+    splits = load_mmsa_pickle(args.data, zscore=not args.no_zscore)
+    if checkpoint_path.is_file():  # resume: the saved run config wins over the command line
+        run = RunConfig(**json.loads(config_path.read_text()))
+        print(f"resuming {run_dir} from {checkpoint_path.name}", flush=True)
+    else:
+        run = build_run_config(args, splits)
+        write_json_atomic(config_path, asdict(run))
+    splits = limit_splits(splits, run.limit)
+    optim_cfg = OptimConfig.from_dict(run.optim_config)
+
+    seed_everything(run.seed)
+    model = build_model(run.model, ModelConfig.from_dict(run.model_config))
+    optimizer = torch.optim.Adam(model.param_groups(optim_cfg))  # coupled L2 via weight_decay, as released
+    shuffle_gen = torch.Generator().manual_seed(run.seed)
+    mask_gen = torch.Generator().manual_seed(run.seed + 1)
+    state = {"epoch": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "seconds": 0.0}
+
+    if checkpoint_path.is_file():
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        shuffle_gen.set_state(ckpt["rng"]["shuffle"])
+        mask_gen.set_state(ckpt["rng"]["mask"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        state = ckpt["state"]
+
+    unk = run.model_config["unk_id"]
+    select = "l1" if optim_cfg.select_on == "l1" else "loss"
+    while state["epoch"] < optim_cfg.max_epochs and state["bad_epochs"] < optim_cfg.patience:
+        epoch, t0 = state["epoch"], time.time()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        train_sums: dict[str, float] = {}
+        batches = iterate_batches(splits["train"], optim_cfg.batch_size, shuffle=True, generator=shuffle_gen,
+                                  drop_last=True)  # drop_last: BatchNorm in DLFR needs > 1 sample
+        n_batches = len(splits["train"]) // optim_cfg.batch_size
+        for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch}", disable=None, leave=False)):
+            rate = train_rate(run, mask_gen)
+            if run.fixed_train_masks:
+                incomplete = simulate_missing(batch, rate, unk_id=unk, seed=run.mask_seed + 7)
+            else:
+                incomplete = simulate_missing(batch, rate, unk_id=unk, generator=mask_gen)
+            loss, logs = model.compute_loss(batch, incomplete)
+            loss.backward()
+            if (step + 1) % optim_cfg.grad_accum == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in logs.items():
+                train_sums[k] = train_sums.get(k, 0.0) + v
+        optimizer.zero_grad(set_to_none=True)  # the last partial accumulation group takes no step
+
+        valid = validation_loss(model, splits["valid"], run, optim_cfg.batch_size)
+        improved = valid[select] < state["best"] - optim_cfg.min_delta
+        if improved:
+            state.update(best=valid[select], best_epoch=epoch, bad_epochs=0)
+            with atomic_path(best_path) as tmp:
+                torch.save(model.state_dict(), tmp)
+        else:
+            state["bad_epochs"] += 1
+        seconds = time.time() - t0
+        state["seconds"] += seconds
+        record = {"epoch": epoch, "seconds": round(seconds, 1),
+                  "train": {k: v / max(n_batches, 1) for k, v in train_sums.items()}, "valid": valid}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+            "rng": {"shuffle": shuffle_gen.get_state(), "mask": mask_gen.get_state(), "torch": torch.get_rng_state()},
+        })
+        write_json_atomic(run_dir / "history.json", state["history"])
+        print(f"epoch {epoch}: train loss {record['train'].get('loss', float('nan')):.4f}  valid {select} "
+              f"{valid[select]:.4f}{'  *best*' if improved else ''}  ({seconds:.0f} s)", flush=True)
+
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        # the test split is touched once, here, with the weights chosen on validation
+        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+        rates = parse_rates(DEFAULT_GRID) if run.protocol == "single-model" else [run.missing_rate]
+        per_rate = score(model, splits["test"], rates, corruption="missing", mask_seed=run.mask_seed,
+                         dataset=run.dataset, unk_id=unk)
+        write_json_atomic(metrics_path, {"rates": per_rate, "n_test": len(splits["test"]), "best_epoch":
+                                         state["best_epoch"], "epochs": state["epoch"],
+                                         "train_seconds": round(state["seconds"], 1)})
+    metrics = json.loads(metrics_path.read_text())
+    first = metrics["rates"][rate_key(rates[0] if (rates := [float(r) for r in metrics["rates"]]) else 0.0)]
+    print(f"done: best epoch {state['best_epoch']}, test at rate {rates[0]}: MAE {first['MAE']:.4f} "
+          f"Corr {first['Corr'] if first['Corr'] is None else round(first['Corr'], 4)}", flush=True)
+    return 0
