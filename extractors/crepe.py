@@ -53,7 +53,9 @@ def n_steps_for(n_samples: int) -> int:
 
 def to_float_wave(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     """int16 PCM -> float in [-1, 1); float input is taken as is."""
-    wave = torch.as_tensor(np.asarray(wave)) if isinstance(wave, np.ndarray) else wave
+    if isinstance(wave, np.ndarray):  # astype copies: memory-mapped slices are read-only
+        scale = 1 / 32768.0 if wave.dtype == np.int16 else 1.0
+        return torch.from_numpy(wave.astype(np.float32)) * scale
     if wave.dtype == torch.int16:
         return wave.to(torch.float32) / 32768.0
     return wave.to(torch.float32)
