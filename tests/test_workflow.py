@@ -129,16 +129,17 @@ def test_killed_mid_extraction_resumes_to_identical_shards(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert snakemake(clean, config).returncode == 0
 
-    clips = killed / "results" / "small" / "extract" / "clips"
+    n_tars = lambda: len(list((killed / "results" / "small").glob("extract-*/clips/*.tar")))  # noqa: E731
     cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(killed),
            "--configfile", str(config), "--cores", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None and len(list(clips.glob("*.tar"))) < 2:
+    while time.monotonic() < deadline and proc.poll() is None and n_tars() < 2:
         time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the extraction job it started
     proc.wait()
-    n_done = len(list(clips.glob("*.tar")))
+    n_done = n_tars()
     assert 0 < n_done < 8, f"the kill came at {n_done} of 8 clip tars"
     assert not (killed / "results" / "small" / "shards" / "summary.json").exists()
 
