@@ -127,3 +127,72 @@ def test_keras_graph_rejects_unknown_layer(tmp_path):
         f.create_group("model_weights")
     with pytest.raises(ValueError, match="lstm of type LSTM has no PyTorch builder"):
         KerasGraph(path)
+
+
+def _folded_weights(model: MiniXception) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(layer, kernel, bias) of every convolution in TFLite's layout, BatchNorm folded in.
+
+    TFLite stores conv kernels OHWI and depthwise kernels 1HWC, with a following BatchNorm
+    folded into the kernel and bias (that is what its converter does).
+    """
+    from torch import nn
+
+    graph = model.graph
+    consumers = {inbound[0]: name for name, inbound in graph.order}
+    layers = []
+    for name, _ in graph.order:
+        block = graph.blocks[name]
+        conv = block[0] if isinstance(block, nn.Sequential) else block
+        if not hasattr(conv, "conv"):
+            continue
+        bn = graph.blocks[consumers[name]] if graph.layer_class.get(consumers.get(name)) == "BatchNormalization" else None
+        last = conv.pointwise if conv.pointwise is not None else conv.conv
+        kernel = last.weight.detach().numpy().transpose(0, 2, 3, 1)  # OIHW -> OHWI
+        bias = last.bias.detach().numpy() if last.bias is not None else np.zeros(kernel.shape[0], np.float32)
+        if bn is not None:
+            scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+            kernel = kernel * scale[:, None, None, None]
+            bias = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+        if conv.pointwise is not None:
+            depthwise = conv.conv.weight.detach().numpy().transpose(1, 2, 3, 0)  # (C,1,kh,kw) -> (1,kh,kw,C)
+            layers.append((f"{name}/depthwise", depthwise, np.zeros(depthwise.shape[-1], np.float32)))
+        layers.append((name, kernel, bias))
+    return layers
+
+
+def test_weights_match_tflite_tensors():
+    """Every convolution of the TFLite model has exactly one counterpart in the port.
+
+    Float tensors equal ours (BatchNorm folded) to float precision; int8 tensors equal ours
+    within half a quantization step of their channel. This pins the port to the shipped
+    model layer by layer, independently of any input.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite_model_path()))
+    interpreter.allocate_tensors()
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    theirs = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            w, b = details[op["inputs"][1]], details[op["inputs"][2]]
+            kernel = interpreter.get_tensor(w["index"]).astype(np.float32)
+            q = w["quantization_parameters"]
+            step = None
+            if len(q["scales"]):  # int8: dequantize per channel
+                shape = [1] * kernel.ndim
+                shape[q["quantized_dimension"]] = -1
+                step = q["scales"].reshape(shape)
+                kernel = kernel * step
+            theirs.append((op["op_name"], kernel, interpreter.get_tensor(b["index"]), step))
+    ours = _folded_weights(MiniXception())
+    assert len(theirs) == len(ours) == 23  # 7 convolutions + 8 separable (depthwise + pointwise)
+    unmatched = list(range(len(ours)))
+    for op_name, kernel, bias, step in theirs:
+        tolerance = (step / 2 + 1e-6) if step is not None else 1e-5 * np.abs(kernel).max()
+        hits = [i for i in unmatched if ours[i][1].shape == kernel.shape
+                and (np.abs(ours[i][1] - kernel) <= tolerance).all()
+                and np.allclose(ours[i][2], bias, atol=1e-5 * max(1.0, np.abs(bias).max()))]
+        assert len(hits) == 1, f"{op_name} {kernel.shape}: {len(hits)} matching layers in the port"
+        unmatched.remove(hits[0])
+    assert not unmatched
