@@ -42,6 +42,18 @@ def _write_resolved_config():
     tmp.replace(path)
 
 
+def dataset_csv():
+    """The dataset's CSV (labels, splits, transcripts), so that editing it re-runs the manifest."""
+    from msaflow.datasets.adapters import select_adapter
+
+    root = Path(CFG.dataset.root)
+    try:
+        path = select_adapter(root, CFG.dataset).csv_path(root, CFG.dataset) if root.is_dir() else None
+    except StopIteration:  # no layout recognised: `msaflow manifest` explains
+        path = None
+    return [str(path)] if path is not None and path.is_file() else []
+
+
 def section_hash(*names):
     """A rule re-runs when the config sections it depends on change (rerun trigger `params`)."""
     dumped = CFG.model_dump(mode="json")
@@ -58,6 +70,8 @@ rule all:
 
 
 rule manifest:
+    input:
+        dataset_csv(),
     output:
         f"{RUN}/manifest.csv",
     params:

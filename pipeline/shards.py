@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from msaflow import __version__
 from msaflow.datasets.base import SPLITS
+from msaflow.extractors.audio import STEPS_PER_SECOND
 from msaflow.pipeline.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
 from msaflow.pipeline.tario import TarWriter, atomic_path, write_json_atomic
 
 FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
-FBANK_RATE = 100.0  # the contract's 10 ms audio grid (fbank.npy / audio.npy / audio_mask.npy)
+FBANK_RATE = float(STEPS_PER_SECOND)  # the 10 ms audio grid of fbank.npy / audio.npy / audio_mask.npy
 TAR_BLOCK, TAR_RECORD = 512, 10240  # tar header/data block; the file is padded to whole records
 
 
@@ -261,9 +262,9 @@ def manifest_rows(path: Path) -> list[dict]:
     if list(df.columns) != MANIFEST_COLUMNS:
         raise ShardsError(f"{path}: manifest columns {list(df.columns)} differ from {MANIFEST_COLUMNS}")
     rows = df.to_dict("records")
-    for line, row in enumerate(rows, start=2):
+    for line, row in enumerate(rows, start=2):  # the header is row 1
         if row["split"] not in SPLITS:
-            raise ShardsError(f"{path}, line {line}: unknown split {row['split']!r} (expected one of {SPLITS})")
+            raise ShardsError(f"{path}, row {line}: unknown split {row['split']!r} (expected one of {SPLITS})")
     return rows
 
 
