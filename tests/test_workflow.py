@@ -67,8 +67,9 @@ def test_invalid_config_fails_schema_validation_clearly(tmp_path):
 
 
 # ----------------------------------------------------------------- slow: real runs
-def small_dataset(root: Path, n_clips: int) -> Path:
-    """The first `n_clips` GRID clips of the demo, in the same MMSA raw layout, 2 per split at least."""
+def small_dataset(root: Path, n_clips: int, truncated: bool = False) -> Path:
+    """The first `n_clips` GRID clips of the demo in the same MMSA raw layout, splits train/valid/test/
+    train/...; with `truncated`, one more train clip cut after 3 kB (cannot be decoded)."""
     with open(DEMO / "label.csv", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames, list(reader)[:n_clips]
@@ -77,6 +78,10 @@ def small_dataset(root: Path, n_clips: int) -> Path:
         src = next((DEMO / "Raw" / row["video_id"]).glob(f"{row['clip_id']}.*"))
         (root / "Raw" / row["video_id"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(src, root / "Raw" / row["video_id"] / src.name)
+    if truncated:
+        (root / "Raw" / "truncated").mkdir(parents=True)
+        (root / "Raw" / "truncated" / src.name).write_bytes(src.read_bytes()[:3000])
+        rows.append({**rows[0], "video_id": "truncated", "clip_id": src.stem, "mode": "train"})
     with open(root / "label.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -102,15 +107,18 @@ def shard_hashes(shard_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_workflow_end_to_end_then_nothing_to_do(tmp_path):
-    dataset = small_dataset(tmp_path / "data", 4)
+    dataset = small_dataset(tmp_path / "data", 4, truncated=True)
     config = write_config(tmp_path / "small.yaml", dataset, chunks=2)
     run = tmp_path / "run"
     proc = snakemake(run, config)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = run / "results" / "small"
     summary = json.loads((out / "shards" / "summary.json").read_text())
-    assert summary["total"]["manifest_rows"] == 4 and summary["total"]["samples"] == 4
-    assert summary["total"]["failures"] == 0 and summary["total"]["no_face"] == 0
+    assert summary["total"]["manifest_rows"] == 5 and summary["total"]["samples"] == 4
+    assert summary["total"]["failures"] == 1 and summary["total"]["no_face"] == 0
+    with open(out / "shards" / "failures.csv", newline="", encoding="utf-8") as f:
+        (failure,) = list(csv.DictReader(f))
+    assert failure["id"].startswith("truncated/") and failure["stage"] and "truncated" in failure["path"]
     train = json.loads((out / "shards" / "train" / "index.json").read_text())
     assert train["n_samples"] == 2 and len(train["shards"]) == 2 and train["mode"] == "raw"
     assert train["modalities"]["vision_mask.npy"]["rate"] == 5.0
