@@ -39,7 +39,7 @@ class FrameFaces:
     landmarks: np.ndarray  # (k, 5, 2): eyes (image left, right), nose, mouth corners
 
 
-@dataclass
+@dataclass(eq=False)  # a track is an identity, compared with `is`
 class Track:
     frames: list[int] = field(default_factory=list)
     boxes: list[np.ndarray] = field(default_factory=list)
@@ -91,7 +91,7 @@ class FaceDetector:
     def _detect_batch(self, frames: np.ndarray, frame_ids: np.ndarray) -> list[FrameFaces]:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
-        batch = torch.from_numpy(frames).to(self.device).permute(0, 3, 1, 2).float()
+        batch = torch.from_numpy(np.require(frames, requirements="W")).to(self.device).permute(0, 3, 1, 2).float()
         if self.scale != 1.0:
             batch = F.interpolate(batch, scale_factor=self.scale, mode="bilinear", antialias=True,
                                   align_corners=False)
@@ -205,7 +205,7 @@ def _crop_batch(frames, boxes, landmarks, size, margin, align, device) -> np.nda
     ], axis=1)
     theta_t = torch.as_tensor(theta, dtype=torch.float32, device=device)
     grid = F.affine_grid(theta_t, [k, 3, size, size], align_corners=False)
-    images = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float()
+    images = torch.from_numpy(np.require(frames, requirements="W")).to(device).permute(0, 3, 1, 2).float()
     crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 

@@ -107,7 +107,10 @@ def n_output_frames(duration_s: float, fps: float) -> int:
 def source_indices(info: VideoInfo, start_s: float, n_frames: int, fps: float) -> np.ndarray:
     """Source frame index shown by each output frame; -1 where the video has no picture."""
     mids = start_s + (np.arange(n_frames) + 0.5) / fps
-    idx = np.searchsorted(info.frame_starts, mids, side="right") - 1
+    # A middle that falls on a frame boundary (start half a frame off the source grid) goes
+    # to the later frame; the tolerance absorbs float noise in the container's timestamps,
+    # which would otherwise pick frames irregularly.
+    idx = np.searchsorted(info.frame_starts, mids + 1e-6, side="right") - 1
     outside = (idx < 0) | (mids >= info.frame_ends[-1])
     return np.where(outside, -1, idx).astype(np.int64)
 
