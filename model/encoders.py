@@ -43,6 +43,8 @@ class TextEncoder(nn.Module):
             from msaflow.extractors.text import load_text_encoder
 
             self.model = load_text_encoder(cfg.text_model)
+            if getattr(self.model, "pooler", None) is not None:
+                self.model.pooler = None  # [CLS] state is read directly; an unused pooler would get no gradient
             if self.frozen:
                 self.model.requires_grad_(False)
                 self.model.eval()

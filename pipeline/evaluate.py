@@ -49,12 +49,18 @@ def rate_key(rate: float) -> str:
 
 @torch.no_grad()
 def predict(model, split: Split, *, corruption: str = "missing", level: float = 0.0, mask_seed: int = 0,
-            batch_size: int = 64, unk_id: int = 100) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Predictions of `model` (eval mode) on `split` corrupted at `level` with fixed per-sample masks."""
+            batch_size: int = 64, unk_id: int = 100, text_cache=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Predictions of `model` (eval mode) on `split` corrupted at `level` with fixed per-sample masks.
+
+    `text_cache` (frozen-encoder mode): text states come from the cache at the same masks.
+    """
     model.eval()
     preds, labels, extras = [], [], defaultdict(float)
     for batch in iterate_batches(split, batch_size):
-        out = model(corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed))
+        view = corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed)
+        if text_cache is not None:
+            view = text_cache.attach(view, split.name, level if corruption == "missing" else 0.0)
+        out = model(view)
         preds.append(out["pred"].float().numpy())
         labels.append(batch["label"].numpy())
         if "expensive_share" in out:  # dynamic-routing models report their compute use
@@ -64,10 +70,11 @@ def predict(model, split: Split, *, corruption: str = "missing", level: float = 
 
 
 def score(model, split: Split, rates: list[float], *, corruption: str, mask_seed: int, dataset: str,
-          unk_id: int) -> dict:
+          unk_id: int, text_cache=None) -> dict:
     per_rate = {}
     for r in rates:
-        pred, label, extras = predict(model, split, corruption=corruption, level=r, mask_seed=mask_seed, unk_id=unk_id)
+        pred, label, extras = predict(model, split, corruption=corruption, level=r, mask_seed=mask_seed, unk_id=unk_id,
+                                      text_cache=text_cache)
         per_rate[rate_key(r)] = {**compute_metrics(pred, label, dataset=dataset), **extras}
     return per_rate
 
@@ -91,8 +98,21 @@ def run_metrics(run_dir: Path, splits: dict[str, Split], rates: list[float], cor
         if all(rate_key(r) in per_rate for r in rates):
             return {rate_key(r): per_rate[rate_key(r)] for r in rates}
     run, model = load_run(run_dir)
+    cache = run_text_cache(run, splits, [("test", r) for r in rates] if corruption == "missing" else [("test", 0.0)])
     return score(model, splits["test"], rates, corruption=corruption, mask_seed=run["mask_seed"],
-                 dataset=run["dataset"], unk_id=run["model_config"]["unk_id"])
+                 dataset=run["dataset"], unk_id=run["model_config"]["unk_id"], text_cache=cache)
+
+
+def run_text_cache(run: dict, splits: dict[str, Split], needed: list[tuple[str, float]]):
+    """The run's frozen text-state cache with the `needed` (split, rate) files built, or None."""
+    if not run.get("text_cache"):
+        return None
+    from msaflow.pipeline.text_cache import TextStateCache
+
+    cache = TextStateCache(run["text_cache"], splits, run["model_config"]["text_model"], run["mask_seed"],
+                           run["model_config"]["unk_id"])
+    cache.build(needed)
+    return cache
 
 
 def combine(results: list[tuple[dict, dict]]) -> dict:

@@ -30,9 +30,10 @@ from tqdm import tqdm
 from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
-from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, rate_key, score
+from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
 from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, load_mmsa_pickle
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
+from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
 PROTOCOLS = ("per-rate", "single-model")
 
@@ -51,6 +52,7 @@ class RunConfig:
     zscore: bool = True
     threads: int = 2
     limit: int = 0  # use only the first N samples of each split (smoke tests); 0 = all
+    text_cache: str = ""  # frozen-encoder mode: folder of cached text states ("" = run the encoder)
     model_config: dict = field(default_factory=dict)
     optim_config: dict = field(default_factory=dict)
 
@@ -76,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draw the train masks once per sample (released code) instead of per batch")
     p.add_argument("--valid-rates", help="rates of the validation loss (default: the training rate for per-rate, "
                    "0.0:1.0:0.2 for single-model)")
+    p.add_argument("--text-cache", type=Path, help="frozen-encoder mode: cache text states per split and rate in "
+                   "this folder (implies --freeze-text and fixed train masks; single-model rates from the 0.1 grid)")
     p.add_argument("--no-zscore", action="store_true", help="feed audio/vision unnormalised")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--limit", type=int, default=0, help="first N samples per split only (smoke tests)")
@@ -92,7 +96,7 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
     dims = feature_dims(splits["train"])
     model_cfg = replace(model_cfg, modalities=tuple(splits["train"].modalities),
                         d_audio=dims.get("audio", model_cfg.d_audio), d_vision=dims.get("vision", model_cfg.d_vision))
-    if args.freeze_text:
+    if args.freeze_text or args.text_cache:
         model_cfg.freeze_text = True
     if args.text_model:
         model_cfg.text_model = args.text_model
@@ -108,8 +112,9 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
     return RunConfig(
         data=str(args.data), model=args.model, dataset=args.dataset, protocol=args.protocol,
         missing_rate=args.missing_rate, seed=args.seed, mask_seed=args.mask_seed,
-        fixed_train_masks=args.fixed_train_masks, valid_rates=valid_rates, zscore=not args.no_zscore,
-        threads=args.threads, limit=args.limit, model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
+        fixed_train_masks=args.fixed_train_masks or bool(args.text_cache), valid_rates=valid_rates, zscore=not args.no_zscore,
+        threads=args.threads, limit=args.limit,
+        text_cache=str(args.text_cache or ""), model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
     )
 
 
@@ -126,24 +131,38 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model, split: Split, run: RunConfig, batch_size: int) -> dict[str, float]:
+def validation_loss(model, split: Split, run: RunConfig, batch_size: int, cache=None) -> dict[str, float]:
     """Mean of the model's loss logs over the masked validation split, averaged over `valid_rates`."""
     model.eval()
-    unk = run.model_config["unk_id"]
     sums: dict[str, float] = {}
     for rate in run.valid_rates:
         for batch in iterate_batches(split, batch_size):
-            incomplete = simulate_missing(batch, rate, unk_id=unk, seed=run.mask_seed)
-            _, logs = model.compute_loss(batch, incomplete)
+            complete, incomplete = views(batch, rate, run, split.name, cache=cache)
+            _, logs = model.compute_loss(complete, incomplete)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch["id"])
     return {k: v / (len(split) * len(run.valid_rates)) for k, v in sums.items()}
 
 
 def train_rate(run: RunConfig, generator: torch.Generator) -> float:
-    if run.protocol == "single-model":
-        return float(torch.rand((), generator=generator))
-    return run.missing_rate
+    if run.protocol == "per-rate":
+        return run.missing_rate
+    if run.text_cache:  # cached states exist for the coarse grid's rates only
+        return COARSE_GRID[int(torch.randint(len(COARSE_GRID), (), generator=generator))]
+    return float(torch.rand((), generator=generator))
+
+
+def views(batch: dict, rate: float, run: RunConfig, split_name: str, generator: torch.Generator | None = None,
+          cache=None) -> tuple[dict, dict]:
+    """(complete, incomplete) views of a batch. Fixed per-sample masks unless a generator redraws them."""
+    unk = run.model_config["unk_id"]
+    if generator is not None and not run.fixed_train_masks:
+        incomplete = simulate_missing(batch, rate, unk_id=unk, generator=generator)
+    else:
+        incomplete = simulate_missing(batch, rate, unk_id=unk, seed=split_mask_seed(split_name, run.mask_seed))
+    if cache is None:
+        return batch, incomplete
+    return cache.attach(batch, split_name, 0.0), cache.attach(incomplete, split_name, rate)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -187,6 +206,11 @@ def main(args: argparse.Namespace) -> int:
         state = ckpt["state"]
 
     unk = run.model_config["unk_id"]
+    test_rates = parse_rates(DEFAULT_GRID) if run.protocol == "single-model" else [run.missing_rate]
+    train_rates = COARSE_GRID if run.protocol == "single-model" else [run.missing_rate]
+    cache = run_text_cache(asdict(run), splits, [("train", 0.0), ("valid", 0.0)]  # complete views
+                           + [("train", r) for r in train_rates] + [("valid", r) for r in run.valid_rates]
+                           + [("test", r) for r in test_rates])
     select = "l1" if optim_cfg.select_on == "l1" else "loss"
     while state["epoch"] < optim_cfg.max_epochs and state["bad_epochs"] < optim_cfg.patience:
         epoch, t0 = state["epoch"], time.time()
@@ -198,11 +222,8 @@ def main(args: argparse.Namespace) -> int:
         n_batches = len(splits["train"]) // optim_cfg.batch_size
         for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch}", disable=None, leave=False)):
             rate = train_rate(run, mask_gen)
-            if run.fixed_train_masks:
-                incomplete = simulate_missing(batch, rate, unk_id=unk, seed=run.mask_seed + 7)
-            else:
-                incomplete = simulate_missing(batch, rate, unk_id=unk, generator=mask_gen)
-            loss, logs = model.compute_loss(batch, incomplete)
+            complete, incomplete = views(batch, rate, run, "train", generator=mask_gen, cache=cache)
+            loss, logs = model.compute_loss(complete, incomplete)
             loss.backward()
             if (step + 1) % optim_cfg.grad_accum == 0:
                 optimizer.step()
@@ -211,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
                 train_sums[k] = train_sums.get(k, 0.0) + v
         optimizer.zero_grad(set_to_none=True)  # the last partial accumulation group takes no step
 
-        valid = validation_loss(model, splits["valid"], run, optim_cfg.batch_size)
+        valid = validation_loss(model, splits["valid"], run, optim_cfg.batch_size, cache=cache)
         improved = valid[select] < state["best"] - optim_cfg.min_delta
         if improved:
             state.update(best=valid[select], best_epoch=epoch, bad_epochs=0)
@@ -237,14 +258,13 @@ def main(args: argparse.Namespace) -> int:
     if not metrics_path.is_file():
         # the test split is touched once, here, with the weights chosen on validation
         model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
-        rates = parse_rates(DEFAULT_GRID) if run.protocol == "single-model" else [run.missing_rate]
-        per_rate = score(model, splits["test"], rates, corruption="missing", mask_seed=run.mask_seed,
-                         dataset=run.dataset, unk_id=unk)
+        per_rate = score(model, splits["test"], test_rates, corruption="missing", mask_seed=run.mask_seed,
+                         dataset=run.dataset, unk_id=unk, text_cache=cache)
         write_json_atomic(metrics_path, {"rates": per_rate, "n_test": len(splits["test"]), "best_epoch":
                                          state["best_epoch"], "epochs": state["epoch"],
                                          "train_seconds": round(state["seconds"], 1)})
     metrics = json.loads(metrics_path.read_text())
-    first = metrics["rates"][rate_key(rates[0] if (rates := [float(r) for r in metrics["rates"]]) else 0.0)]
-    print(f"done: best epoch {state['best_epoch']}, test at rate {rates[0]}: MAE {first['MAE']:.4f} "
+    first_rate, first = next(iter(metrics["rates"].items()))
+    print(f"done: best epoch {state['best_epoch']}, test at rate {first_rate}: MAE {first['MAE']:.4f} "
           f"Corr {first['Corr'] if first['Corr'] is None else round(first['Corr'], 4)}", flush=True)
     return 0
