@@ -72,15 +72,24 @@ def load_metrics(spec: str | Path) -> tuple[str, dict]:
 
 # ---------------------------------------------------------------- sections
 def data_section(shards: Path) -> Section:
+    """Samples per split and what was missing, from the shard step's summary.json and index files."""
+    summary_path = shards / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        splits = dict(sorted(summary.get("splits", {}).items()))
+        if "total" in summary:
+            splits["total"] = summary["total"]
+        columns = ["manifest_rows", "samples", "failures", "no_face", "no_audio", "empty_text", "shards"]
+        rows = [[name] + [counts.get(c) for c in columns] for name, counts in splits.items()]
+        body = md_table(["split"] + columns, rows)
+        body += f"\n\nMode `{summary.get('mode')}`; extract config hash `{str(summary.get('config_hash'))[:12]}`, " \
+                f"manifest hash `{str(summary.get('manifest_hash'))[:12]}`."
+        return Section("Data", body)
     rows = []
     for index_path in sorted(shards.glob("*/index.json")):
         index = json.loads(index_path.read_text(encoding="utf-8"))
         rows.append([index["split"], index.get("mode"), index["n_samples"], len(index.get("shards", []))])
-    body = md_table(["split", "mode", "samples", "shards"], rows) if rows else "_no shards found_"
-    summary = shards / "summary.json"
-    if summary.is_file():
-        body += "\n\nSummary of the shard step:\n\n```json\n" + summary.read_text(encoding="utf-8").strip() + "\n```"
-    return Section("Data", body)
+    return Section("Data", md_table(["split", "mode", "samples", "shards"], rows) if rows else "_no shards found_")
 
 
 def failures_section(shards: Path) -> Section:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 Member = dict | np.ndarray | bytes
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, restored at once
 
 
 def encode_member(name: str, value: Member) -> bytes:
@@ -59,6 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files owner-only; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
