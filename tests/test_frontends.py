@@ -292,3 +292,97 @@ def test_frontends_command_lists_everything(capsys):
     assert rows["crepe-tiny"]["rate"] == 100.0 and len(rows["crepe-tiny"]["sha256"]) == 64
     assert rows["facenet-vggface2"]["status"].startswith("front-end facenet-vggface2: weights not found")
     assert main(["frontends", "nope"]) == 2
+
+
+# ------------------------------------------------------------------ features mode end to end
+
+
+@pytest.mark.slow
+def test_features_mode_run_has_the_samples_and_failures_of_raw_mode(shared_data, tmp_path):
+    """`msaflow extract --mode features` over GRID, HDTF and bad inputs: same clips kept, same
+    failures (stage and reason), same frame counts and masks as the raw run of the same manifest."""
+    import csv
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from msaflow.pipeline.extract import ExtractConfig, run
+    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
+    from msaflow.pipeline.tario import read_sample_tar
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import media
+
+    fast = {"fps": 5.0, "detect_every": 2, "threads": 1}
+    src = shared_data / "raw/grid/sbia1a.mpg"
+    bad = tmp_path / "bad"
+    files = {
+        "grid/bbaf2n": (shared_data / "raw/grid/bbaf2n.mpg", "", "", "bin blue at f two now"),
+        "hdtf/aoc": (shared_data / "raw/hdtf/hdtf_aoc.mp4", "2.0", "5.0", ""),
+        "bad/truncated": (media.make_truncated(src, bad / "truncated.mpg"), "", "", "x"),
+        "bad/zero": (media.make_zero_bytes(bad / "zero.mp4"), "", "", "x"),
+        "bad/text": (media.make_text_as_video(bad / "notes.mp4"), "", "", "x"),
+        "bad/no_audio": (media.make_video_without_audio(src, bad / "no_audio.mpg"), "", "", "set blue"),
+        "bad/audio_only": (media.make_audio_only(src, bad / "audio_only.m4a"), "", "", "set blue"),
+        "bad/no_face": (media.make_no_face(src, bad / "no_face.mp4"), "", "", "set blue"),
+        "bad/start_nan": (src, "soon", "", ""),
+    }
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        for id_, (path, start, end, text) in files.items():
+            video_id, _, clip_id = id_.partition("/")
+            writer.writerow({c: "" for c in MANIFEST_COLUMNS} | {
+                "id": id_, "video_id": video_id, "clip_id": clip_id, "path": str(path), "start": start,
+                "end": end, "text": text, "label": "0.5", "split": "train"})
+    config = tmp_path / "extract.yaml"
+    config.write_text(yaml.safe_dump({"extract": fast}), encoding="utf-8")
+
+    raw_dir, feat_dir = tmp_path / "raw", tmp_path / "features"
+    raw_summary = run(manifest, raw_dir, ExtractConfig(**fast, device="cpu"), progress=False)
+    cli = subprocess.run([sys.executable, "-m", "msaflow.pipeline.cli", "extract", str(manifest), "-o", str(feat_dir),
+                          "--mode", "features", "--frontends", F.DEFAULT_SPEC, "--config", str(config),
+                          "--device", "cpu"], capture_output=True, text=True, timeout=1200)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    feat_summary = json.loads((feat_dir / "chunks" / "1-of-1.json").read_text(encoding="utf-8"))
+
+    # the same clips kept and the same failures, with the same stage and reason
+    assert sorted(p.name for p in (feat_dir / "clips").glob("*.tar")) == \
+        sorted(p.name for p in (raw_dir / "clips").glob("*.tar"))
+    def failures(out: Path) -> dict:  # decord stamps its messages with the time of day: drop it
+        records = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in (out / "failures").glob("*.json")}
+        return {n: r | {"reason": re.sub(r"\[\d\d:\d\d:\d\d\] ", "", r["reason"])} for n, r in records.items()}
+
+    assert len(failures(raw_dir)) == 4  # truncated, zero bytes, text file, unparsable start
+    assert failures(feat_dir) == failures(raw_dir)
+    assert feat_summary["counts"] == raw_summary["counts"]
+    assert feat_summary["frontends"]["vision"]["name"] == "fer" and "features" in feat_summary["seconds"]
+
+    dims = {"vision": 135, "audio": 258, "text": 384}
+    for tar in sorted((raw_dir / "clips").glob("*.tar")):
+        _, raw = read_sample_tar(tar)
+        _, feat = read_sample_tar(feat_dir / "clips" / tar.name)
+        meta = feat["json"]
+        assert meta["mode"] == "features" and meta["frontends"] == feat_summary["frontends"]
+        assert {k: v for k, v in meta.items() if k not in ("mode", "frontends")} == \
+            {k: v for k, v in raw["json"].items() if k != "mode"}, tar.name
+        assert set(feat) == {"json", "vision.npy", "vision_mask.npy", "audio.npy", "audio_mask.npy", "text.npy", "text_ids.npy"}
+        np.testing.assert_array_equal(feat["vision_mask.npy"], raw["vision_mask.npy"])
+        np.testing.assert_array_equal(feat["audio_mask.npy"], raw["audio_mask.npy"])
+        np.testing.assert_array_equal(feat["text_ids.npy"], raw["text_ids.npy"])
+        assert feat["vision.npy"].shape == (len(raw["face.npy"]), dims["vision"])
+        assert feat["audio.npy"].shape == (len(raw["fbank.npy"]), dims["audio"])
+        assert feat["text.npy"].shape == (len(raw["text_ids.npy"]), dims["text"])
+        assert abs(len(feat["vision.npy"]) - meta["duration"] * meta["fps"]) <= 1
+        assert abs(len(feat["audio.npy"]) - meta["duration"] * 100) <= 1
+        for modality in ("vision", "audio"):  # missing steps are zero rows, present ones are not
+            rows, mask = feat[f"{modality}.npy"], feat[f"{modality}_mask.npy"]
+            assert not rows[~mask].any() and (np.abs(rows[mask]).sum(1) > 0).all(), (tar.name, modality)
+    _, no_audio = read_sample_tar(feat_dir / "clips" / "bad_no_audio.tar")
+    assert not no_audio["audio_mask.npy"].any() and no_audio["vision_mask.npy"].mean() >= 0.95
+    _, no_face = read_sample_tar(feat_dir / "clips" / "bad_no_face.tar")
+    assert not no_face["vision_mask.npy"].any() and no_face["audio_mask.npy"].mean() > 0.9
