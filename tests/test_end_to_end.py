@@ -1,7 +1,7 @@
 """End-to-end mode: real pretrained front-ends (FER, CREPE tiny) on raw members of real GRID clips.
 
-The raw members come from the product's own extraction (`ClipExtractor`, at 10 fps to stay
-fast), the batches from the shard loader's collation, the fusion model is EMT-DLFR (small
+The raw members come from the product's own extraction (`ClipExtractor`, 1.5 s of each clip
+at 10 fps to stay fast), the batches from the shard loader's collation, the fusion model is EMT-DLFR (small
 width) with the packaged MiniLM text encoder kept frozen.
 """
 
@@ -37,7 +37,7 @@ def grid_members(shared_data, tmp_path_factory):
     for i, name in enumerate(GRID_CLIPS):
         path = shared_data / "raw" / "grid" / f"{name}.mpg"
         job = ClipJob(row=i + 1, id=f"grid/{name}", key=f"grid_{name}", video_id="grid", clip_id=name,
-                      path=str(path), start=None, end=None, text=_grid_sentence(name), label=float(i) - 0.5,
+                      path=str(path), start=0.5, end=2.0, text=_grid_sentence(name), label=float(i) - 0.5,
                       split="train")
         extractor.extract(job, out)
         members.append(read_sample_tar(out / "clips" / f"{job.key}.tar")[1])
@@ -79,7 +79,8 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_members_are_real(grid_members):
     for m in grid_members:
-        assert m["face.npy"].shape[0] == 30 and m["vision_mask.npy"].mean() >= 0.95
+        assert m["face.npy"].shape[0] == 15 and m["vision_mask.npy"].mean() >= 0.95
+        assert m["fbank.npy"].shape[0] == 150 and m["audio_mask.npy"].all()
         assert m["json"]["has_audio"] and m["wav.npy"].dtype == np.int16
 
 

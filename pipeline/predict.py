@@ -1,0 +1,202 @@
+"""`msaflow predict VIDEO --checkpoint RUN`: the sentiment score of one clip.
+
+The clip goes through the same per-clip extraction as `msaflow extract` (decode, face
+track and crops, fbank, tokens, and in features mode the same frozen front-ends), with
+the extraction settings recorded for the training run, then through the trained model.
+It prints the score and which modalities were present (face in x/y frames, audio yes/no,
+text yes/no); `--json` prints one JSON object instead. A file that cannot be used (zero
+bytes, not a video, truncated beyond decoding) exits with status 2 and a message naming
+the file and the reason.
+
+Where the settings come from: the checkpoint is a training run directory (`config.json`
++ `best.pt`), or a `.pt` state dict with that `config.json` beside it. `config.json`
+holds the model name and `model_config` (as `msaflow train` writes it) and, for runs
+trained from shards, `extract`: the extraction section the shards were made with (mode,
+front-ends, fps, face size, ...). `--extract-config` (the workflow YAML or an extract
+section) overrides it. With neither, extraction defaults are used and a warning says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_UNUSABLE = 2
+
+
+class UnusableInput(Exception):
+    """The video (or the checkpoint) cannot be used; the message names the file and why."""
+
+
+@dataclass
+class Prediction:
+    video: str
+    score: float
+    n_frames: int
+    n_face_frames: int
+    has_audio: bool
+    has_text: bool
+    text: str
+    model: str
+    mode: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def lines(self) -> list[str]:
+        return [
+            f"{self.video}",
+            f"  sentiment score: {self.score:+.3f}",
+            f"  face:  {self.n_face_frames}/{self.n_frames} frames",
+            f"  audio: {'yes' if self.has_audio else 'no'}",
+            f"  text:  {'yes' if self.has_text else 'no'}" + (f" ({self.text!r})" if self.has_text else ""),
+        ]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", type=Path, help="video file (any format ffmpeg reads)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="training run directory (config.json + best.pt) or a .pt state dict beside config.json")
+    p.add_argument("--text", default="", help="transcript of the clip (empty = text missing)")
+    p.add_argument("--start", type=float, help="segment start, seconds (default: file start)")
+    p.add_argument("--end", type=float, help="segment end, seconds (default: file end)")
+    p.add_argument("--extract-config", type=Path,
+                   help="YAML with the extraction settings (an `extract:` section or the section itself); "
+                        "default: the ones recorded in the run's config.json")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """(config.json, weights .pt) of a run directory or a weights file."""
+    if path.is_dir():
+        config, weights = path / "config.json", path / "best.pt"
+    else:
+        config, weights = path.parent / "config.json", path
+    for f in (config, weights):
+        if not f.is_file():
+            raise UnusableInput(f"{path}: not a usable checkpoint ({f.name} not found; expected a training run "
+                                f"directory with config.json and best.pt)")
+    return config, weights
+
+
+def load_model(config_path: Path, weights_path: Path, device: str):
+    """(run config dict, model in eval mode on `device`)."""
+    import torch
+
+    from msaflow.model.config import ModelConfig
+    from msaflow.model.registry import build_model
+
+    try:
+        run = json.loads(config_path.read_text())
+        name, model_cfg = run["model"], ModelConfig.from_dict(run["model_config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UnusableInput(f"{config_path}: not a training run config ({exc})") from exc
+    if name == "end-to-end":
+        import msaflow.model.end_to_end  # noqa: F401  (registers "end-to-end")
+    model = build_model(name, model_cfg)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and "optimizer" in state:  # last.pt: a full checkpoint
+            state = state["model"]
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise UnusableInput(f"{weights_path}: weights do not fit the model of {config_path.name} "
+                            f"({str(exc).splitlines()[0]})") from exc
+    return run, model.to(device).eval()
+
+
+def extract_config(run: dict, override: Path | None, model_name: str):
+    from msaflow.pipeline.extract import ExtractConfig, load_config
+
+    if override is not None:
+        return load_config(override)
+    if "extract" in run:
+        return ExtractConfig.model_validate(run["extract"])
+    mode = "raw" if model_name == "end-to-end" else "features"
+    print(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
+          f"Pass --extract-config with the settings the training shards were made with.", file=sys.stderr)
+    return ExtractConfig(mode=mode)
+
+
+# ---------------------------------------------------------------- one clip
+
+
+def check_video(path: Path) -> None:
+    if not path.is_file():
+        raise UnusableInput(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise UnusableInput(f"{path}: empty file (0 bytes)")
+
+
+def extract_members(video: Path, text: str, start: float | None, end: float | None, cfg, device: str) -> dict:
+    """The clip's members (raw or features mode, as `cfg.mode` says), via the extractor of `msaflow extract`."""
+    from msaflow.extractors.clip import ClipExtractor, ClipJob
+    from msaflow.extractors.video import DecodeError
+    from msaflow.pipeline.tario import read_sample_tar
+
+    frontends = None
+    if cfg.mode == "features":
+        from msaflow.extractors import frontends as fe
+
+        frontends = fe.build(fe.parse_spec(cfg.frontends), device)
+    job = ClipJob(row=1, id=video.stem, key="clip", video_id=video.stem, clip_id=video.stem, path=str(video),
+                  start=start, end=end, text=text, label=None, split="test")
+    with tempfile.TemporaryDirectory(prefix="msaflow-predict-") as tmp:
+        try:
+            ClipExtractor(cfg, device=device, frontends=frontends).extract(job, Path(tmp))
+        except DecodeError as exc:
+            raise UnusableInput(f"{video}: cannot be used ({exc.stage}): {exc.reason}") from exc
+        return read_sample_tar(Path(tmp) / "clips" / "clip.tar")[1]
+
+
+def members_to_batch(members: dict, mode: str) -> dict:
+    """A batch of one, collated exactly as the shard loader collates training batches."""
+    from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
+
+    names = tuple(m for m in MODE_LAYOUTS[mode].members if m in members)
+    return collate([Sample("clip", members["json"], {k: members[k] for k in names}, 1.0)], names)
+
+
+def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | None = None, end: float | None = None,
+            extract_override: Path | None = None, device: str = "cpu") -> Prediction:
+    import torch
+
+    check_video(video)
+    config_path, weights_path = resolve_checkpoint(checkpoint)
+    run, model = load_model(config_path, weights_path, device)
+    cfg = extract_config(run, extract_override, run["model"])
+    members = extract_members(video, text, start, end, cfg, device)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in members_to_batch(members, cfg.mode).items()}
+    with torch.no_grad():
+        score = float(model(batch)["pred"][0])
+    meta = members["json"]
+    return Prediction(video=str(video), score=score, n_frames=int(meta["n_frames"]),
+                      n_face_frames=int(meta["n_face_frames"]), has_audio=bool(meta["has_audio"]),
+                      has_text=bool(meta["has_text"]), text=text, model=run["model"], mode=cfg.mode)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = predict(args.video, args.checkpoint, args.text, start=args.start, end=args.end,
+                         extract_override=args.extract_config, device=_device(args.device))
+    except UnusableInput as exc:
+        print(f"msaflow predict: error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))
+    return 0
