@@ -65,10 +65,13 @@ def _same_pad(size: int, kernel: int, stride: int) -> tuple[int, int]:
 class KerasConv2d(nn.Module):
     """Conv2D / SeparableConv2D with Keras padding semantics ('valid' or TF 'same')."""
 
-    def __init__(self, conv: nn.Module, kernel: int, stride: int, padding: str, pointwise: nn.Module | None = None):
+    def __init__(self, conv: nn.Conv2d, kernel: int, stride: int, padding: str, pointwise: nn.Module | None = None):
         super().__init__()
         self.conv, self.pointwise = conv, pointwise
         self.kernel, self.stride, self.padding = kernel, stride, padding
+        if padding == "same" and stride == 1 and kernel % 2 == 1:
+            conv.padding = (kernel // 2, kernel // 2)  # symmetric here: let the convolution pad (faster)
+            self.padding = "native"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == "same":
@@ -236,7 +239,7 @@ class KerasGraph(nn.Module):
         values: dict[str, torch.Tensor] = {self.input_name: x}
         for name, inbound in self.order:
             inputs = [values[i] for i in inbound]
-            merged = torch.stack(inputs).sum(0) if len(inputs) > 1 else inputs[0]
+            merged = inputs[0] if len(inputs) == 1 else sum(inputs[1:], inputs[0])
             values[name] = self.blocks[name](merged)
         return values[self.output_name], {t: values[t] for t in taps}
 
