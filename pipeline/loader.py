@@ -143,6 +143,8 @@ class SplitIndex:
             modalities = raw["modalities"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ShardError(f"{path}: missing or malformed field {exc}") from exc
+        if mode is None and n_samples == 0:  # an empty split of a run: nothing to read, any mode fits
+            mode = mode_hint or "features"
         if mode not in MODE_LAYOUTS:
             raise ShardError(f"{path}: mode {mode!r} is not one of {sorted(MODE_LAYOUTS)}")
         if mode_hint is not None and mode_hint != mode:
@@ -158,7 +160,7 @@ class SplitIndex:
         for a, b in layout.aligned:
             if a in names and b not in names:
                 raise ShardError(f"{path}: member {a} requires {b}, which the index does not list")
-        if not any(m in members for m in ("text_ids.npy", "audio_mask.npy", "vision_mask.npy")):
+        if n_samples and not any(m in members for m in ("text_ids.npy", "audio_mask.npy", "vision_mask.npy")):
             raise ShardError(f"{path}: lists no modality (members {sorted(names)})")
         shapes = {m: tuple(names[m].get("shape") or ()) for m in members}
         for m, shape in shapes.items():
