@@ -166,8 +166,8 @@ def test_crepe_on_hdtf_speech(shared_data, default_frontends, clip):
     wav = decode_wav(shared_data / "raw" / "hdtf" / clip)
     feats = default_frontends["audio"].extract(wav, n_steps_for(len(wav)))
     f0, voiced = median_f0(feats, VOICED)
-    assert voiced >= 0.6, f"only {voiced:.0%} of frames voiced"  # measured 74% and 74%
-    assert 80.0 <= f0 <= 400.0, f0  # measured 216 Hz and 152 Hz
+    assert voiced >= 0.6, f"only {voiced:.0%} of frames voiced"  # measured 80% and 80%
+    assert 80.0 <= f0 <= 400.0, f0  # measured 212 Hz and 157 Hz
     # per frame, the same pitch as torchcrepe's own pipeline on the first 3 s (its per-frame
     # Python decoder is slow); frames are centred 5 ms apart and its decoder dithers the bins
     n = n_steps_for(3 * SAMPLE_RATE)
@@ -178,7 +178,7 @@ def test_crepe_on_hdtf_speech(shared_data, default_frontends, clip):
     reference, periodicity = reference[0, :n].numpy(), periodicity[0, :n].numpy()
     both = (periodicity > VOICED) & (feats[:n, 1] > VOICED)
     cents = 1200 * np.abs(feats[:n, 0][both] + np.log2(100.0 / reference[both]))
-    assert both.mean() > 0.5 and np.median(cents) < 25, np.median(cents)  # measured 6 and 9 cents
+    assert both.mean() > 0.5 and np.median(cents) < 25, np.median(cents)  # measured 7 and 8 cents
 
 
 def test_crepe_chunked_extraction_equals_whole_clip(shared_data, tmp_path):
@@ -274,7 +274,7 @@ def test_egemaps_descriptors_on_speech(shared_data):
     wav = decode_wav(shared_data / "raw" / "hdtf" / "hdtf_katiehill.mp4")
     feats = fe.extract(wav, n_steps_for(len(wav)))
     assert feats.shape == (800, 25) and np.isfinite(feats).all()
-    # its own F0 (semitones from 27.5 Hz, 0 when unvoiced) agrees with CREPE's median on this clip (152 Hz)
+    # its own F0 (semitones from 27.5 Hz, 0 when unvoiced): measured 153 Hz, CREPE 157 Hz on this clip
     semitones = feats[:, fe.descriptor_names.index("F0semitoneFrom27.5Hz_sma3nz")]
     f0 = 27.5 * 2 ** (np.median(semitones[semitones > 0]) / 12)
     assert 120 <= f0 <= 190, f0
