@@ -6,9 +6,13 @@ the same extractor with the front-ends of --frontends (built once, frozen); (3) 
 front-end of --frontends and of --extra alone, run by `raw_to_features` on the raw clips
 of (1): seconds per clip and input steps per second. Prints Markdown tables.
 
+Memory (--memory MINUTES): the raw members of a long clip (a GRID clip repeated) as .npy
+files, converted by `raw_to_features` in a fresh process; its peak RSS beside that of a
+process that only builds the front-ends, and the size of the inputs.
+
     .venv/bin/python benchmarks/bench_features.py [--data ../shared/data] [--clips 11]
         [--frontends face=fer,audio=crepe-tiny,text=minilm] [--extra crepe-full,egemaps]
-        [--device cpu|cuda] [--threads N]
+        [--device cpu|cuda] [--threads N] [--memory MINUTES]
 """
 
 from __future__ import annotations
@@ -89,6 +93,72 @@ def _per_frontend(raw_dir: Path, names: list[str], device: str) -> list[dict]:
     return rows
 
 
+def _long_clip(raw_tar: Path, minutes: float, out: Path) -> dict[str, Path]:
+    """Raw members of a clip `minutes` long, written as .npy files by repeating one clip."""
+    import numpy as np
+
+    _, m = read_sample_tar(raw_tar)
+    reps = int(np.ceil(minutes * 60 / m["json"]["duration"]))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for member in ("face.npy", "vision_mask.npy", "wav.npy", "fbank.npy", "audio_mask.npy"):
+        part = m[member]
+        big = np.lib.format.open_memmap(out / member, mode="w+", dtype=part.dtype, shape=(len(part) * reps, *part.shape[1:]))
+        for i in range(reps):  # written piece by piece: this process stays small too
+            big[i * len(part):(i + 1) * len(part)] = part
+        big.flush()
+        del big
+        paths[member] = out / member
+    paths["text_ids.npy"] = out / "text_ids.npy"
+    np.save(paths["text_ids.npy"], m["text_ids.npy"])
+    return paths
+
+
+def _child_rss(spec: str, members: dict[str, Path] | None, threads: int) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of a fresh process that builds the front-ends and, if given, converts `members`."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, resource, sys, time, torch\n"
+        f"torch.set_num_threads({max(threads, 1)})\n"
+        "from pathlib import Path\n"
+        "from msaflow.extractors import frontends as F\n"
+        "spec, members = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
+        "fes = F.build(spec, 'cpu')\n"
+        "t = time.perf_counter()\n"
+        "if members:\n"
+        "    members = {k: Path(v) for k, v in members.items()}\n"
+        "    members['json'] = {'id': 'long'}\n"
+        "    F.raw_to_features(members, fes)\n"
+        "print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t]))\n"
+    )
+    args = [sys.executable, "-c", code, json.dumps(F.parse_spec(spec)),
+            json.dumps({k: str(v) for k, v in (members or {}).items()})]
+    result = subprocess.run(args, capture_output=True, text=True, check=True)
+    rss, seconds = json.loads(result.stdout.strip().splitlines()[-1])
+    return rss, seconds
+
+
+def memory(args, jobs: list[ClipJob]) -> int:
+    cfg = ExtractConfig(device="cpu")
+    with tempfile.TemporaryDirectory(prefix="bench_features_mem_") as tmp:
+        tmp = Path(tmp)
+        ClipExtractor(cfg, device="cpu").extract(jobs[0], tmp / "raw")
+        members = _long_clip(tmp / "raw" / "clips" / f"{jobs[0].key}.tar", args.memory, tmp / "long")
+        input_mb = sum(p.stat().st_size for p in members.values()) / 2**20
+        base_rss, _ = _child_rss(args.frontends, None, args.threads)
+        rss, seconds = _child_rss(args.frontends, members, args.threads)
+    print(f"## features-mode memory, one {args.memory:g}-minute clip ({jobs[0].key} repeated), "
+          f"front-ends {args.frontends}\n")
+    print(f"date {datetime.date.today()}, {os.cpu_count()} cores, torch threads {max(args.threads, 1)}, cpu\n")
+    print("| process | peak RSS MB | raw inputs on disk MB | seconds |")
+    print("|---|---|---|---|")
+    print(f"| build the front-ends only | {base_rss:.0f} | | |")
+    print(f"| build + raw_to_features | {rss:.0f} | {input_mb:.0f} | {seconds:.1f} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("MSAFLOW_SHARED_DATA", REPO.parent / "shared" / "data")))
@@ -97,6 +167,7 @@ def main() -> int:
     parser.add_argument("--extra", default="crepe-full,egemaps", help="more front-ends to time alone")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--memory", type=float, metavar="MINUTES", help="measure peak memory on one long clip instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,6 +177,8 @@ def main() -> int:
         print(f"no GRID clips under {args.data / 'raw' / 'grid'}", file=sys.stderr)
         return 1
     jobs = _jobs(clips)
+    if args.memory:
+        return memory(args, jobs)
     cfg = ExtractConfig(device=args.device)
     spec = F.parse_spec(args.frontends)
     build_started = time.perf_counter()
