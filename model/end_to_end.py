@@ -96,7 +96,7 @@ class EndToEndConfig:
     # modality -> learning rate / weight decay of that front-end's optimiser group
     lr: dict[str, float] = field(default_factory=lambda: {"vision": 1e-4, "audio": 1e-4})
     weight_decay: dict[str, float] = field(default_factory=dict)
-    chunk_frames: int = 64  # time steps per front-end call
+    chunk_frames: int | None = None  # time steps per front-end call; None = the front-end's own chunk_steps
     checkpoint: bool = False  # activation checkpointing over each chunk of a trained front-end
     bf16: bool = False  # bfloat16 autocast for front-ends and fusion
 
@@ -113,7 +113,7 @@ class EndToEndConfig:
                 raise ValueError(f"policy for {m!r} but no front-end for it; front-ends: {self.frontends}")
         for v in self.policies.values():
             FrontEndPolicy.parse(v)  # fail at config time, not at epoch N
-        if self.chunk_frames < 1:
+        if self.chunk_frames is not None and self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
 
     def policy(self, modality: str) -> FrontEndPolicy:
@@ -238,10 +238,11 @@ class EndToEnd(MSAModel):
         n_steps = batch[RAW_INPUTS[fe.input][0]].shape[1]
         present, lengths = _present_and_lengths(batch, fe.input, n_steps)
         trainable = self.trainable(modality) and torch.is_grad_enabled()
+        chunk = self.cfg.chunk_frames or getattr(fe, "chunk_steps", 256)
         chunks = []
         with torch.set_grad_enabled(trainable):
-            for t0 in range(0, n_steps, self.cfg.chunk_frames):
-                t1 = min(t0 + self.cfg.chunk_frames, n_steps)
+            for t0 in range(0, n_steps, chunk):
+                t1 = min(t0 + chunk, n_steps)
                 chunks.append(self._call_chunk(fe, x, present, t0, t1, trainable))
         feats = torch.cat(chunks, dim=1).float() if chunks else x.new_zeros((x.shape[0], 0, fe.out_dim)).float()
         feats = feats * present.unsqueeze(-1).to(feats.dtype)  # missing steps are zero rows, as in features mode
@@ -293,6 +294,11 @@ class EndToEnd(MSAModel):
         """Front-ends run once, on the complete raw view; the incomplete view is those
         features with its `<modality>_missing` steps zeroed (`drop_features`)."""
         feats_c = complete if self._is_features(complete) else self.features(complete)
+        if not self._is_features(incomplete):
+            lacking = [m for m in self.frontends if f"{m}_missing" not in incomplete]
+            if lacking:  # e.g. a features-mode simulation ran on the raw batch and only saw the text
+                raise KeyError(f"incomplete raw view has no {', '.join(m + '_missing' for m in lacking)} "
+                               f"mask: draw raw views with EndToEnd.simulate_missing")
         feats_i = incomplete if self._is_features(incomplete) else drop_features(feats_c, incomplete)
         device = next(self.parameters()).device
         with self._autocast(device):
