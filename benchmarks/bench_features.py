@@ -215,7 +215,7 @@ def main() -> int:
     for r in per_fe:
         print(f"| {r['name']} | {r['modality']} | {r['dim']} | {r['load_s']:.1f} | {r['s_per_clip']:.3f} | "
               f"{r['cpu_per_clip']:.3f} | "
-              f"{r['steps_per_s']:.0f} | {r['realtime']:.1f} |")
+              f"{r['steps_per_s']:.0f} | {r['realtime']:.2f} |")
     return 0
 
 
