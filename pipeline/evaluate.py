@@ -26,7 +26,7 @@ from msaflow.model.config import ModelConfig
 from msaflow.model.metrics import aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
-from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, load_mmsa_pickle
+from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, limit_splits, load_mmsa_pickle
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
 DEFAULT_GRID = "0.0:1.0:0.1"
@@ -168,10 +168,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     runs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
-    zscores = {r["zscore"] for r in runs}
-    if len(zscores) != 1:
-        raise SystemExit("runs disagree on input normalisation (zscore); evaluate them separately")
-    splits = load_mmsa_pickle(args.data, zscore=zscores.pop())
+    for key in ("zscore", "limit"):
+        if len({r.get(key) for r in runs}) != 1:
+            raise SystemExit(f"runs disagree on {key!r}; evaluate them separately")
+    splits = limit_splits(load_mmsa_pickle(args.data, zscore=runs[0]["zscore"]), runs[0].get("limit", 0))
     results = []
     for run_dir, run in zip(args.runs, runs):
         if args.rates:

@@ -146,13 +146,46 @@ def load_mmsa_pickle(path: str | Path, zscore: bool = True) -> dict[str, Split]:
     return splits
 
 
+def limit_splits(splits: dict[str, Split], n: int) -> dict[str, Split]:
+    """The first n samples of every split (smoke tests); n <= 0 keeps everything."""
+    if n <= 0:
+        return splits
+    return {k: Split(s.name, s.ids[:n], {t: v[:n] for t, v in s.tensors.items()}) for k, s in splits.items()}
+
+
 def feature_dims(split: Split) -> dict[str, int]:
     return {m: int(split.tensors[m].shape[-1]) for m in SEQUENCE_MODALITIES if m in split.tensors}
 
 
-def iterate_batches(split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                    drop_last: bool = False):
+def sequence_lengths(split: Split) -> torch.Tensor:
+    """Per sample, the longest of its modality sequences (what a batch is padded to)."""
+    keys = [k for k in ("text_lengths", "audio_lengths", "vision_lengths") if k in split.tensors]
+    return torch.stack([split.tensors[k] for k in keys]).amax(0)
+
+
+def batch_indices(split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                  drop_last: bool = False, bucket: int = 8) -> list[torch.Tensor]:
+    """Sample indices of each batch.
+
+    Length bucketing (bucket > 1): samples are taken in windows of bucket × batch_size, sorted
+    by length inside a window, cut into batches, and (when shuffling) the batches are shuffled:
+    batches hold similar lengths, so far less compute goes to padding.
+    """
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
-    stop = len(split) - (len(split) % batch_size if drop_last else 0)
-    for start in range(0, stop, batch_size):
-        yield split.batch(order[start : start + batch_size])
+    if drop_last:
+        order = order[: len(order) - len(order) % batch_size]
+    if bucket > 1:
+        lengths = sequence_lengths(split)
+        window = bucket * batch_size
+        order = torch.cat([w[torch.argsort(lengths[w], stable=True)] for w in order.split(window)]) if len(order) else order
+    batches = list(order.split(batch_size))
+    if shuffle and bucket > 1:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def iterate_batches(split: Split, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+                    drop_last: bool = False, bucket: int = 8):
+    for index in batch_indices(split, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                               bucket=bucket):
+        yield split.batch(index)

@@ -31,7 +31,7 @@ from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
-from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, load_mmsa_pickle
+from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, limit_splits, load_mmsa_pickle
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
@@ -116,12 +116,6 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
         threads=args.threads, limit=args.limit,
         text_cache=str(args.text_cache or ""), model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
     )
-
-
-def limit_splits(splits: dict[str, Split], n: int) -> dict[str, Split]:
-    if n <= 0:
-        return splits
-    return {k: Split(s.name, s.ids[:n], {t: v[:n] for t, v in s.tensors.items()}) for k, s in splits.items()}
 
 
 def seed_everything(seed: int) -> None:
