@@ -56,18 +56,31 @@ def main() -> None:
             auilc = fmt(r.get("AUILC", {}).get(metric), r.get("AUILC_std", {}).get(metric), d + 1)
             print(f"| {m} | " + " | ".join(cells) + f" | {auilc} |")
 
-    if "dynmm" in results:
-        r = results["dynmm"]
-        print("\nDynMM: share of test samples routed to the expensive (text + audio) expert:\n")
-        print("| rate | " + " | ".join(rates) + " |")
+    routed = [m for m in results if m.startswith("dynmm")]
+    if routed:
+        print("\nDynMM: share of test samples routed to the expensive (multimodal) expert, seed mean ± std:\n")
+        print("| model | " + " | ".join(rates) + " |")
         print("|---" * (len(rates) + 1) + "|")
-        print("| share | " + " | ".join(fmt(r["rates"][x].get("expensive_share"), r["rates_std"][x].get(
-            "expensive_share"), 3) for x in rates) + " |")
+        for m in routed:
+            r = results[m]
+            print(f"| {m} | " + " | ".join(fmt(r["rates"][x].get("expensive_share"),
+                                                r["rates_std"][x].get("expensive_share"), 3) for x in rates) + " |")
+
+    noisy = {m: json.loads((args.results / f"{m}-noise.json").read_text())
+             for m in results if (args.results / f"{m}-noise.json").is_file()}
+    if noisy:
+        levels = list(next(iter(noisy.values()))["rates"])
+        print("\nMAE with Gaussian noise of level s added to the (z-scored) audio, text intact (seed mean ± std):\n")
+        print("| model | " + " | ".join(levels) + " | AUILC |")
+        print("|---" * (len(levels) + 2) + "|")
+        for m, r in noisy.items():
+            cells = [fmt(r["rates"][x]["MAE"], r["rates_std"][x]["MAE"], 3) for x in levels]
+            print(f"| {m} | " + " | ".join(cells) + f" | {fmt(r['AUILC']['MAE'], r.get('AUILC_std', {}).get('MAE'), 4)} |")
 
     if args.wall and args.wall.is_file():
         walls: dict[str, list[str]] = defaultdict(list)
         with args.wall.open() as f:
-            for model, seed, seconds in csv.reader(f, delimiter="\t"):
+            for model, seed, seconds in sorted(csv.reader(f, delimiter="\t"), key=lambda row: (row[0], int(row[1]))):
                 walls[model].append(f"seed {seed}: {int(seconds)} s")
         print("\nWall time of each training run (train + validation + test scoring at 11 rates):\n")
         for m in results:
