@@ -14,6 +14,10 @@ holds the model name and `model_config` (as `msaflow train` writes it) and, for 
 trained from shards, `extract`: the extraction section the shards were made with (mode,
 front-ends, fps, face size, ...). `--extract-config` (the workflow YAML or an extract
 section) overrides it. With neither, extraction defaults are used and a warning says so.
+When the run's `data` is a shard folder reachable from here, the settings must hash to the
+shards' `config_hash` (else exit 2), and features-mode runs trained with `zscore` get their
+audio/vision normalised with the training split's statistics, by the training code's own
+function.
 """
 
 from __future__ import annotations
@@ -113,17 +117,40 @@ def load_model(config_path: Path, weights_path: Path, device: str):
     return run, model.to(device).eval()
 
 
+def training_shards(run: dict) -> Path | None:
+    """The shard folder the run trained on, when it is one and is reachable from here."""
+    from msaflow.pipeline.shard_splits import is_shard_dir
+
+    data = run.get("data")
+    return Path(data) if data and is_shard_dir(data) else None
+
+
 def extract_config(run: dict, override: Path | None, model_name: str):
+    """The extraction settings of the training data; checked against the shards' config hash."""
+    from msaflow.pipeline.config import extract_config_hash
     from msaflow.pipeline.extract import ExtractConfig, load_config
 
     if override is not None:
-        return load_config(override)
-    if "extract" in run:
-        return ExtractConfig.model_validate(run["extract"])
-    mode = "raw" if model_name == "end-to-end" else "features"
-    print(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
-          f"Pass --extract-config with the settings the training shards were made with.", file=sys.stderr)
-    return ExtractConfig(mode=mode)
+        try:
+            cfg = load_config(override)
+        except (OSError, ValueError) as exc:
+            raise UnusableInput(str(exc)) from exc
+    elif "extract" in run:
+        cfg = ExtractConfig.model_validate(run["extract"])
+    else:
+        mode = "raw" if model_name == "end-to-end" else "features"
+        print(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
+              f"Pass --extract-config with the settings the training shards were made with.", file=sys.stderr)
+        cfg = ExtractConfig(mode=mode)
+    shards = training_shards(run)
+    if shards is not None:
+        index = json.loads((shards / "train" / "index.json").read_text(encoding="utf-8"))
+        recorded = index.get("config_hash")
+        if recorded and recorded != extract_config_hash(cfg.model_dump(mode="json")):
+            raise UnusableInput(f"{shards}: the training shards were extracted with other settings than "
+                                f"{override or 'the run config'} gives (config hash differs); pass the "
+                                f"workflow config they were made with as --extract-config")
+    return cfg
 
 
 # ---------------------------------------------------------------- one clip
@@ -165,6 +192,24 @@ def members_to_batch(members: dict, mode: str) -> dict:
     return collate([Sample("clip", members["json"], {k: members[k] for k in names}, 1.0)], names)
 
 
+def normalise_like_training(batch: dict, run: dict, mode: str, config_path: Path) -> dict:
+    """Features-mode audio/vision z-scored with the training split's statistics, as training saw them."""
+    if mode != "features" or not run.get("zscore", False):
+        return batch
+    from msaflow.pipeline.mmsa_pickle import Split
+    from msaflow.pipeline.shard_splits import read_split, zscore_features
+
+    shards = training_shards(run)
+    if shards is None:
+        raise UnusableInput(f"{config_path}: the run z-scored its audio/vision features with train-split "
+                            f"statistics, but its training data {run.get('data')!r} is not a shard folder "
+                            f"reachable from here")
+    keys = [k for m in ("audio", "vision") if m in batch for k in (m, f"{m}_present")]
+    splits = {"train": read_split(shards, "train"), "clip": Split("clip", list(batch["id"]), {k: batch[k] for k in keys})}
+    zscore_features(splits)  # the training code's own normalisation, train statistics
+    return {**batch, **splits["clip"].tensors}
+
+
 def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | None = None, end: float | None = None,
             extract_override: Path | None = None, device: str = "cpu") -> Prediction:
     import torch
@@ -172,9 +217,13 @@ def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | Non
     check_video(video)
     config_path, weights_path = resolve_checkpoint(checkpoint)
     run, model = load_model(config_path, weights_path, device)
+    if str(run.get("data", "")).endswith((".pkl", ".pickle")):
+        raise UnusableInput(f"{config_path}: the run trained on an MMSA feature pickle ({run['data']}); its "
+                            f"features cannot be computed from a video. Train on shards to predict from video.")
     cfg = extract_config(run, extract_override, run["model"])
     members = extract_members(video, text, start, end, cfg, device)
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in members_to_batch(members, cfg.mode).items()}
+    batch = normalise_like_training(members_to_batch(members, cfg.mode), run, cfg.mode, config_path)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     with torch.no_grad():
         score = float(model(batch)["pred"][0])
     meta = members["json"]

@@ -1,10 +1,11 @@
 """`msaflow predict` on real GRID clips with a checkpoint from a tiny real training run.
 
-The run: four GRID clips through the product's features-mode extraction (MTCNN crops,
-FER, CREPE tiny, MiniLM states), collated as the shard loader does, EMT-DLFR (small width)
-trained a few Adam steps on its real DLFR loss with simulated missing features, saved as
-a training run directory (config.json + best.pt state dict, as `msaflow train` writes it)
-with the extraction settings recorded beside the model config.
+The run: four GRID clips through `msaflow extract` in features mode (MTCNN crops, FER,
+CREPE tiny, MiniLM states) and `msaflow shards`, read back by the shard reader of training
+and z-scored with train statistics, EMT-DLFR (small width) trained a few Adam steps on its
+real DLFR loss with simulated missing features, saved as a training run directory
+(config.json + best.pt state dict, as `msaflow train` writes it) with the training data
+and the extraction settings recorded beside the model config.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from msaflow.pipeline.cli import main as cli
+from msaflow.pipeline.extract import ExtractConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402
@@ -31,58 +34,71 @@ SMALL = dict(d_model=32, n_layers=1, n_heads=2, head_dim=32, freeze_text=True)
 
 @pytest.fixture(scope="module")
 def run_dir(shared_data, tmp_path_factory) -> Path:
-    from msaflow.extractors import frontends as fe
-    from msaflow.extractors.clip import ClipExtractor, ClipJob
+    """manifest -> `msaflow extract` (features) -> `msaflow shards` -> a few real training steps."""
+    import yaml
+
     from msaflow.model.config import ModelConfig, OptimConfig
     from msaflow.model.missing import simulate_missing
     from msaflow.model.registry import build_model
-    from msaflow.pipeline.extract import ExtractConfig
-    from msaflow.pipeline.predict import members_to_batch
-    from msaflow.pipeline.tario import atomic_path, read_sample_tar, write_json_atomic
+    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
+    from msaflow.pipeline.shard_splits import read_split, zscore_features
+    from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
     torch.set_num_threads(2)
     tmp = tmp_path_factory.mktemp("predict_run")
-    cfg = ExtractConfig(**FAST_EXTRACT)
-    frontends = fe.build(fe.parse_spec(cfg.frontends), "cpu")
-    extractor = ClipExtractor(cfg, device="cpu", frontends=frontends)
-    members = []
-    for i, (name, label) in enumerate(TRAIN_CLIPS.items()):
-        job = ClipJob(row=i + 1, id=f"grid/{name}", key=name, video_id="grid", clip_id=name,
-                      path=str(shared_data / "raw" / "grid" / f"{name}.mpg"), start=None, end=None,
-                      text="bin blue at f two now", label=label, split="train")
-        extractor.extract(job, tmp / "extract")
-        members.append(read_sample_tar(tmp / "extract" / "clips" / f"{name}.tar")[1])
-    assert members_to_batch(members[0], "features")["vision"].shape[0] == 1
-    from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
+    manifest = tmp / "manifest.csv"
+    rows = [{"id": f"grid/{name}", "video_id": "grid", "clip_id": name,
+             "path": str(shared_data / "raw" / "grid" / f"{name}.mpg"), "text": "bin blue at f two now",
+             "label": label, "split": "train"} for name, label in TRAIN_CLIPS.items()]
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(manifest, index=False)
+    config = tmp / "workflow.yaml"
+    config.write_text(yaml.safe_dump({"extract": FAST_EXTRACT}))
+    assert cli(["extract", str(manifest), "-o", str(tmp / "extract"), "--config", str(config)]) == 0
+    assert cli(["shards", str(tmp / "extract"), "--manifest", str(manifest), "-o", str(tmp / "shards"),
+                "--config", str(config)]) == 0
 
-    batch = collate([Sample(m["json"]["id"], m["json"], {k: m[k] for k in MODE_LAYOUTS["features"].members}, 1.0)
-                     for m in members], MODE_LAYOUTS["features"].members)
-    assert batch["vision"].shape[0] == 4
-
+    splits = {"train": read_split(tmp / "shards", "train")}
+    zscore_features(splits)  # as training from features shards does
+    batch = splits["train"].batch(list(range(len(TRAIN_CLIPS))))
     torch.manual_seed(0)
-    model_cfg = replace(ModelConfig(), **SMALL, d_audio=frontends["audio"].out_dim,
-                        d_vision=frontends["vision"].out_dim)
+    model_cfg = replace(ModelConfig(), **SMALL, d_audio=batch["audio"].shape[-1], d_vision=batch["vision"].shape[-1])
     model = build_model("emt-dlfr", model_cfg)
     optimizer = torch.optim.Adam(model.param_groups(OptimConfig()))
     generator = torch.Generator().manual_seed(0)
     model.train()
-    losses = []
     for _ in range(4):
         optimizer.zero_grad(set_to_none=True)
-        incomplete = simulate_missing(batch, 0.3, generator=generator)
-        loss, _ = model.compute_loss(batch, incomplete)
+        loss, _ = model.compute_loss(batch, simulate_missing(batch, 0.3, generator=generator))
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
-    assert all(np.isfinite(losses))
+        assert np.isfinite(float(loss.detach()))
 
     out = tmp / "run"
     out.mkdir()
     write_json_atomic(out / "config.json", {"model": "emt-dlfr", "model_config": model_cfg.to_dict(),
-                                            "extract": cfg.model_dump(mode="json")})
+                                            "data": str(tmp / "shards"), "zscore": True,
+                                            "extract": ExtractConfig(**FAST_EXTRACT).model_dump(mode="json")})
     with atomic_path(out / "best.pt") as path:
         torch.save(model.state_dict(), path)
+    torch.save(splits["train"].tensors, tmp / "train_tensors.pt")
     return out
+
+
+def test_predict_batch_is_the_training_batch(run_dir, shared_data):
+    """A training clip through predict's extraction + normalisation = its row of the training data."""
+    from msaflow.pipeline import predict as p
+
+    run = json.loads((run_dir / "config.json").read_text())
+    cfg = p.extract_config(run, None, run["model"])
+    members = p.extract_members(shared_data / "raw" / "grid" / "lbax4n.mpg", "bin blue at f two now", None, None,
+                                cfg, "cpu")
+    batch = p.normalise_like_training(p.members_to_batch(members, "features"), run, "features", run_dir)
+    train = torch.load(run_dir.parent / "train_tensors.pt", weights_only=True)
+    row = list(TRAIN_CLIPS).index("lbax4n")
+    for key in ("vision", "audio", "text"):
+        n = batch[key].shape[1]
+        torch.testing.assert_close(batch[key][0], train[key][row, :n], rtol=1e-4, atol=1e-4, msg=key)
+    assert torch.equal(batch["text_ids"][0], train["text_ids"][row, : batch["text_ids"].shape[1]])
 
 
 def test_predict_prints_score_and_presence(run_dir, shared_data, capsys):
@@ -118,7 +134,25 @@ def test_unusable_video_is_a_clear_error(make, reason, run_dir, shared_data, tmp
     assert str(video) in err and reason in err, err
 
 
+def test_other_extraction_settings_are_refused(run_dir, shared_data, tmp_path, capsys):
+    import yaml
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"extract": {**FAST_EXTRACT, "fps": 25.0}}))
+    video = shared_data / "raw" / "grid" / "sbia1a.mpg"
+    assert cli(["predict", str(video), "--checkpoint", str(run_dir), "--extract-config", str(other)]) == 2
+    assert "config hash differs" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_a_clear_error(shared_data, tmp_path, capsys):
     video = shared_data / "raw" / "grid" / "sbia1a.mpg"
     assert cli(["predict", str(video), "--checkpoint", str(tmp_path)]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+def test_pickle_run_is_refused(run_dir, shared_data, tmp_path, capsys):
+    run = json.loads((run_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**run, "data": "/data/mosi/unaligned_50.pkl"}))
+    (tmp_path / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
+    assert cli(["predict", str(shared_data / "raw" / "grid" / "sbia1a.mpg"), "--checkpoint", str(tmp_path)]) == 2
+    assert "MMSA feature pickle" in capsys.readouterr().err
