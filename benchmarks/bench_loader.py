@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +138,10 @@ def step_rates(mode: str, shard_dir: Path, batch: int, steps: int) -> tuple[floa
     return in_memory, n / (time.perf_counter() - start)
 
 
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/msaflow-bench-loader"), help="where shards go")
@@ -152,16 +157,20 @@ def main() -> int:
     rows = []
     for mode, (n_samples, batch) in plan.items():
         shard_dir = write_shards(args.work, mode, n_samples)
-        loader = {w: loader_rate(shard_dir, batch, w) for w in (0, 1, 2)}
+        loader = {}
+        for workers in (0, 1, 2):
+            loader[workers] = loader_rate(shard_dir, batch, workers)
+            log(f"{mode}: loader with {workers} worker(s): {loader[workers]:.0f} samples/s")
         step, fed = step_rates(mode, shard_dir, batch, args.steps)
+        log(f"{mode}: step {step:.2f} samples/s in memory, {fed:.2f} fed by the loader")
         rows.append((mode, batch, loader, step, fed))
     print("\n| mode | batch | loader 0 workers | loader 1 worker | loader 2 workers | step (in memory) "
           "| step fed by loader (2 workers) | loader (best) / step |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for mode, batch, loader, step, fed in rows:
         best = max(loader.values())
-        print(f"| {mode} | {batch} | {loader[0]:.0f} | {loader[1]:.0f} | {loader[2]:.0f} | {step:.1f} | "
-              f"{fed:.1f} | {best / step:.1f}x |")
+        print(f"| {mode} | {batch} | {loader[0]:.0f} | {loader[1]:.0f} | {loader[2]:.0f} | {step:.3g} | "
+              f"{fed:.3g} | {best / step:.0f}x |")
     print("\nsamples/s; step = forward + backward + Adam step of EMT-DLFR (features) or the end-to-end "
           "model (raw), missing rate 0.5")
     return 0
