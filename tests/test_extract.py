@@ -278,3 +278,27 @@ def test_parse_chunk():
     for bad in ("0/4", "5/4", "x", "1-2"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_chunk(bad)
+
+
+@pytest.mark.slow
+def test_full_clips_at_default_settings(shared_data, tmp_path):
+    """Every GRID clip, both HDTF clips and the stage clip, whole, at the default config."""
+    clips = sorted((shared_data / "raw/grid").glob("*.mpg")) + sorted((shared_data / "raw/hdtf").glob("*.mp4"))
+    rows = [_row(f"{p.parent.name}/{p.stem}", p, text=p.stem) for p in clips]
+    stage = shared_data / "raw/hamilton/short_hamilton_clip.mp4"
+    rows.append(_row("hamilton/stage", stage, text="stage"))
+    out = tmp_path / "out"
+    summary = run(_write_manifest(tmp_path / "m.csv", rows), out, ExtractConfig(device="cpu"), progress=False)
+    assert summary["counts"]["ok"] == len(rows) and summary["counts"]["failed"] == 0
+    for row in rows:
+        m = _clip(out, row["id"])
+        meta = m["json"]
+        _, info = __import__("msaflow.extractors.video", fromlist=["open_video"]).open_video(row["path"])
+        assert abs(meta["n_frames"] - info.duration_s * 25) <= 1
+        assert abs(m["fbank.npy"].shape[0] - info.duration_s * 100) <= 2
+        assert m["face.npy"].shape[1:] == (112, 112, 3)
+        assert m["text_ids.npy"].tolist() == tokenize(row["text"])
+        if row["id"] != "hamilton/stage":
+            assert m["vision_mask.npy"].mean() >= 0.95, row["id"]
+    stage_mask = _clip(out, "hamilton/stage")["vision_mask.npy"]
+    assert 0 < stage_mask.sum() < len(stage_mask)  # the main performer, present part of the time
