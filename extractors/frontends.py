@@ -159,7 +159,14 @@ def parse_spec(spec: str | None) -> dict[str, str]:
     result = dict(_parse_pairs(DEFAULT_SPEC))
     if spec:
         result.update(_parse_pairs(spec))
-    for modality, entry in result.items():
+    return check_spec(result)
+
+
+def check_spec(spec: dict[str, str]) -> dict[str, str]:
+    """`spec` itself, once every modality and front-end name in it is known and consistent."""
+    for modality, entry in spec.items():
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r} in front-end spec (use {', '.join(MODALITIES)})")
         name = entry.split(":", 1)[0]
         if name not in REGISTRY:
             raise ValueError(
@@ -170,7 +177,7 @@ def parse_spec(spec: str | None) -> dict[str, str]:
                 f"front-end {name!r} is a {REGISTRY[name].modality} front-end, not {modality}; "
                 f"{modality} front-ends: {', '.join(n for n, c in sorted(REGISTRY.items()) if c.modality == modality)}"
             )
-    return result
+    return spec
 
 
 def _parse_pairs(spec: str) -> list[tuple[str, str]]:
@@ -187,9 +194,12 @@ def _parse_pairs(spec: str) -> list[tuple[str, str]]:
 
 
 def build(spec: dict[str, str] | str | None, device: str | torch.device = "cpu") -> dict[str, FrontEnd]:
-    """Instantiate the front-ends of a spec: frozen, in eval mode, on `device`."""
-    if not isinstance(spec, dict):
-        spec = parse_spec(spec)
+    """Instantiate the front-ends of a spec: frozen, in eval mode, on `device`.
+
+    A string spec fills the modalities it leaves out with the defaults; a dict builds
+    exactly the modalities it names (end-to-end training may want vision and audio only).
+    """
+    spec = check_spec(dict(spec)) if isinstance(spec, dict) else parse_spec(spec)
     built = {}
     for modality in MODALITIES:
         if modality not in spec:

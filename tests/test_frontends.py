@@ -96,6 +96,8 @@ def test_parse_spec_aliases_defaults_and_errors():
         F.parse_spec("smell=fer")
     with pytest.raises(ValueError, match="not MODALITY=NAME"):
         F.parse_spec("fer")
+    with pytest.raises(ValueError, match="'fer' is a vision front-end, not audio"):
+        F.build({"audio": "fer"})  # dict specs (end-to-end training) are checked the same way
 
 
 def test_register_rejects_a_second_class_under_a_taken_name():
