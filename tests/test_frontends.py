@@ -141,6 +141,24 @@ def test_facenet_without_weights_says_where_to_put_them(tmp_path, monkeypatch):
         F.build("face=facenet-vggface2,text=minilm")
 
 
+def test_facenet_loads_a_checkpoint_from_torch_home(tmp_path, monkeypatch):
+    """The loading path, with a checkpoint laid out as facenet-pytorch's VGGFace2 file
+    (backbone + 8631-way identity classifier); the real weights cannot be fetched here."""
+    from facenet_pytorch import InceptionResnetV1
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    state = InceptionResnetV1(classify=True, num_classes=8631).state_dict()
+    torch.save(state, tmp_path / "checkpoints" / "20180402-114759-vggface2.pt")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    fe = F.build({"vision": "facenet-vggface2"})["vision"]
+    torch.testing.assert_close(fe.net.last_linear.weight, state["last_linear.weight"])
+    with torch.no_grad():
+        out = fe(torch.randint(0, 256, (1, 3, 112, 112, 3), dtype=torch.uint8), torch.tensor([[True, False, True]]))
+    assert out.shape == (1, 3, 512) and not out[0, 1].any()
+    torch.testing.assert_close(out[0, [0, 2]].norm(dim=-1), torch.ones(2))  # unit-length embeddings
+
+
 def test_hf_text_needs_a_local_folder(tmp_path):
     with pytest.raises(ValueError, match="hf-text needs a local model folder"):
         F.build("text=hf-text")
@@ -241,6 +259,12 @@ def test_text_states_are_the_encoders(grid_clip, default_frontends):
         expected = load_text_encoder().eval()(input_ids=ids).last_hidden_state[0].numpy()
     got = default_frontends["text"].extract(grid_clip["text_ids.npy"], len(ids[0]))
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    # hf-text on the same model's folder is the same front-end under another name
+    from msaflow.extractors.text import text_model_path
+
+    generic = F.build({"text": f"hf-text:{text_model_path()}"})["text"]
+    np.testing.assert_allclose(generic.extract(grid_clip["text_ids.npy"], len(ids[0])), expected, atol=1e-5)
+    assert generic.weights_sha256() == default_frontends["text"].weights_sha256()
 
 
 def test_no_audio_no_face_empty_text(grid_clip, default_frontends):
