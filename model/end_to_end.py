@@ -44,7 +44,8 @@ RAW_INPUTS = {
     "fbank": ("audio_present", "audio_lengths"),
     "wav": ("audio_present", "audio_lengths"),
 }
-MODALITY_KEYS = {"vision": "vision", "audio": "audio"}
+MODALITY_KEYS = ("vision", "audio")  # the modalities a front-end can serve here (text: the fusion's encoder)
+RAW_KEYS = ("face", "wav", "wav_lengths", "fbank")  # raw members a features batch no longer carries
 WAV_HOP = 160  # samples per 10 ms step at 16 kHz: the fbank grid the audio front-ends share
 WAV_CONTEXT_STEPS = 8  # >= half a 1024-sample CREPE window each side of a wav chunk
 
@@ -274,7 +275,7 @@ class EndToEnd(MSAModel):
 
     def features(self, batch: dict) -> dict:
         """The features batch of the batch contract, computed from a raw batch."""
-        out = {k: v for k, v in batch.items() if k not in ("face", "wav", "wav_lengths", "fbank")}
+        out = {k: v for k, v in batch.items() if k not in RAW_KEYS}
         device = next(self.parameters()).device
         with self._autocast(device):
             for m in self.frontends:
@@ -305,8 +306,9 @@ class EndToEnd(MSAModel):
             loss, logs = self.fusion.compute_loss(feats_c, feats_i)
         return loss.float(), logs
 
-    def simulate_missing(self, batch: dict, rate: float, **kw) -> dict:
-        return simulate_missing_raw(batch, rate, modalities=list(self.frontends), unk_id=self.unk_id, **kw)
+    def simulate_missing(self, batch: dict, rate: float, *, unk_id: int | None = None, **kw) -> dict:
+        unk_id = self.unk_id if unk_id is None else unk_id
+        return simulate_missing_raw(batch, rate, modalities=list(self.frontends), unk_id=unk_id, **kw)
 
     @property
     def unk_id(self) -> int:
@@ -314,9 +316,6 @@ class EndToEnd(MSAModel):
 
     def _is_features(self, batch: dict) -> bool:
         return all(m in batch for m in self.frontends)
-
-
-RAW_KEYS = ("face", "wav", "wav_lengths", "fbank")
 
 
 def drop_features(feats: dict, view: dict) -> dict:
