@@ -31,7 +31,8 @@ from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
-from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, limit_splits, load_mmsa_pickle
+from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, limit_splits
+from msaflow.pipeline.shard_splits import load_splits
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
@@ -58,7 +59,9 @@ class RunConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="MMSA feature pickle (trusted file; it is unpickled)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="shard folder (<split>/index.json, features or raw mode) or MMSA feature pickle "
+                        "(trusted file; it is unpickled)")
     p.add_argument("--model", default="emt-dlfr", help="registered model name (see --list-models)")
     p.add_argument("--list-models", action="store_true", help="print the registered models and exit")
     p.add_argument("--dataset", default="mosi", choices=["mosi", "mosei", "sims"], help="preset and metric family")
@@ -100,7 +103,8 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
         model_cfg.freeze_text = True
     if args.text_model:
         model_cfg.text_model = args.text_model
-    model_cfg.input_dim("text") if "text" in model_cfg.modalities else None  # resolve d_text now
+    if "text" in model_cfg.modalities:
+        model_cfg.input_dim("text")  # resolves d_text from the encoder's config, stored with the run
     for name, value in (("max_epochs", args.epochs), ("patience", args.patience), ("batch_size", args.batch_size),
                         ("grad_accum", args.grad_accum)):
         if value is not None:
@@ -131,7 +135,7 @@ def validation_loss(model, split: Split, run: RunConfig, batch_size: int, cache=
     sums: dict[str, float] = {}
     for rate in run.valid_rates:
         for batch in iterate_batches(split, batch_size):
-            complete, incomplete = views(batch, rate, run, split.name, cache=cache)
+            complete, incomplete = views(batch, rate, run, split.name, cache=cache, drop=missing_simulation(model))
             _, logs = model.compute_loss(complete, incomplete)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch["id"])
@@ -146,14 +150,20 @@ def train_rate(run: RunConfig, generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator))
 
 
+def missing_simulation(model):
+    """The model's own missing-feature simulation where it has one (end-to-end models drop
+    steps of the front-end outputs, not raw frames), else the features-mode one."""
+    return getattr(model, "simulate_missing", simulate_missing)
+
+
 def views(batch: dict, rate: float, run: RunConfig, split_name: str, generator: torch.Generator | None = None,
-          cache=None) -> tuple[dict, dict]:
+          cache=None, drop=simulate_missing) -> tuple[dict, dict]:
     """(complete, incomplete) views of a batch. Fixed per-sample masks unless a generator redraws them."""
     unk = run.model_config["unk_id"]
     if generator is not None and not run.fixed_train_masks:
-        incomplete = simulate_missing(batch, rate, unk_id=unk, generator=generator)
+        incomplete = drop(batch, rate, unk_id=unk, generator=generator)
     else:
-        incomplete = simulate_missing(batch, rate, unk_id=unk, seed=split_mask_seed(split_name, run.mask_seed))
+        incomplete = drop(batch, rate, unk_id=unk, seed=split_mask_seed(split_name, run.mask_seed))
     if cache is None:
         return batch, incomplete
     return cache.attach(batch, split_name, 0.0), cache.attach(incomplete, split_name, rate)
@@ -173,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path, config_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.json"
 
-    splits = load_mmsa_pickle(args.data, zscore=not args.no_zscore)
+    splits = load_splits(args.data, zscore=not args.no_zscore)
     if checkpoint_path.is_file():  # resume: the saved run config wins over the command line
         run = RunConfig(**json.loads(config_path.read_text()))
         print(f"resuming {run_dir} from {checkpoint_path.name}", flush=True)
@@ -216,7 +226,8 @@ def main(args: argparse.Namespace) -> int:
         n_batches = len(splits["train"]) // optim_cfg.batch_size
         for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch}", disable=None, leave=False)):
             rate = train_rate(run, mask_gen)
-            complete, incomplete = views(batch, rate, run, "train", generator=mask_gen, cache=cache)
+            complete, incomplete = views(batch, rate, run, "train", generator=mask_gen, cache=cache,
+                                         drop=missing_simulation(model))
             loss, logs = model.compute_loss(complete, incomplete)
             loss.backward()
             if (step + 1) % optim_cfg.grad_accum == 0:

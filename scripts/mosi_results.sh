@@ -10,7 +10,7 @@ set -euo pipefail
 DATA=${1:?MMSA pickle}
 OUT=${2:?output folder}
 JOBS=${3:-3}
-# env: EPOCHS (12), PATIENCE (4), PER_RATE_RATES ("0.0 0.2 ... 1.0"), PER_RATE_SEED (0), CACHE, MSAFLOW, PYTHON
+# env: EPOCHS (12), PER_RATE_EPOCHS (EPOCHS), PATIENCE (4), GRAD_ACCUM (4), PER_RATE_RATES ("0.0 0.2 ... 1.0"), PER_RATE_SEED (0), CACHE, MSAFLOW, PYTHON
 MSAFLOW=${MSAFLOW:-msaflow}
 CACHE=${CACHE:-$OUT/text-cache}
 mkdir -p "$OUT/logs" "$OUT/runs"
@@ -35,8 +35,9 @@ run_one() {
   local model=$1 protocol=$2 rate=$3 seed=$4
   local name="$model-$protocol$([ "$protocol" = per-rate ] && echo "-r$rate")-s$seed"
   [ -f "$OUT/runs/$name/metrics.json" ] && return 0
-  local t0; t0=$(date +%s)
-  $MSAFLOW train --data "$DATA" --text-cache "$CACHE" --threads 1 --epochs "${EPOCHS:-12}" \
+  local t0 epochs=${EPOCHS:-12}; t0=$(date +%s)
+  [ "$protocol" = per-rate ] && epochs=${PER_RATE_EPOCHS:-$epochs}
+  $MSAFLOW train --data "$DATA" --text-cache "$CACHE" --threads 1 --epochs "$epochs" --grad-accum "${GRAD_ACCUM:-4}" \
     --patience "${PATIENCE:-4}" --model "$model" --protocol "$protocol" --missing-rate "$rate" --seed "$seed" \
     -o "$OUT/runs/$name" > "$OUT/logs/$name.log" 2>&1
   echo "wall_seconds $(( $(date +%s) - t0 ))" >> "$OUT/logs/$name.log"
@@ -48,4 +49,7 @@ jobs_list | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
 for model in emt-dlfr emt; do
   $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" -o "$OUT/$model-single-model.json"
   $MSAFLOW evaluate "$OUT"/runs/$model-per-rate-r*-s* --data "$DATA" -o "$OUT/$model-per-rate.json"
+done
+for model in emt-dlfr emt; do
+  $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" --corruption noise -o "$OUT/$model-single-model-noise.json"
 done
