@@ -1,4 +1,5 @@
-# msaflow workflow: manifest -> extract (N parallel chunk jobs) -> shards.
+# msaflow workflow: manifest -> extract (N parallel chunk jobs) -> shards -> train (seeds x rates)
+# -> evaluate -> report.
 #
 #   snakemake --cores 2 --configfile config/demo.yaml
 #
@@ -64,9 +65,34 @@ onstart:
     _write_resolved_config()  # not on a dry run
 
 
+def training_runs():
+    """Run folder name -> the `msaflow train` arguments of that run (seeds x rates per protocol)."""
+    t = CFG.train
+    rates = t.rates if t.protocol == "per-rate" else [None]
+    runs = {}
+    for rate in rates:
+        for seed in t.seeds:
+            name = f"{t.model}-{t.protocol}" + ("" if rate is None else f"-r{rate:g}") + f"-s{seed}"
+            args = f"--model {t.model} --dataset {t.preset} --protocol {t.protocol} --seed {seed}"
+            args += "" if rate is None else f" --missing-rate {rate}"
+            for flag, value in (("--epochs", t.epochs), ("--patience", t.patience),
+                                ("--batch-size", t.batch_size), ("--grad-accum", t.grad_accum)):
+                args += "" if value is None else f" {flag} {value}"
+            args += " --freeze-text" if t.freeze_text else ""
+            runs[name] = args
+    return runs
+
+
+TRAIN_RUNS = training_runs()
+EVAL_NAME = f"{CFG.train.model}-{CFG.train.protocol}"
+# More than one GPU per training job: the job runs under torchrun, one process per GPU.
+TRAIN_LAUNCH = (f"torchrun --standalone --nproc_per_node {CFG.train.gpus} -m msaflow.pipeline.cli"
+                if CFG.train.gpus > 1 else "msaflow")
+
+
 rule all:
     input:
-        f"{RUN}/shards/summary.json",
+        f"{RUN}/report/report.md",
 
 
 rule manifest:
@@ -137,3 +163,81 @@ rule shards:
     shell:
         "msaflow shards {params.extract:q} --manifest {input.manifest:q} -o {params.out:q}"
         " --config {params.config:q} > {log:q} 2>&1"
+
+
+rule train:
+    input:
+        shards=rules.shards.output[0],
+    output:
+        f"{RUN}/runs/{{run}}/metrics.json",
+    params:
+        args=lambda wc: TRAIN_RUNS[wc.run],
+        data=f"{RUN}/shards",
+        out=lambda wc: f"{RUN}/runs/{wc.run}",
+        config=CONFIG_FILE,
+        sections=section_hash("train"),
+    log:
+        f"{RUN}/logs/train-{{run}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/train-{{run}}.tsv"
+    wildcard_constraints:
+        run="|".join(TRAIN_RUNS),
+    resources:
+        mem_mb=CFG.train.mem_mb,
+        runtime=24 * 60,
+        gpu=CFG.train.gpus,
+    threads: CFG.train.threads
+    shell:
+        "{TRAIN_LAUNCH} train --data {params.data:q} -o {params.out:q} --config {params.config:q}"
+        " --threads {threads} {params.args} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        shards=rules.shards.output[0],
+        runs=expand(rules.train.output[0], run=list(TRAIN_RUNS)),
+    output:
+        f"{RUN}/evaluate/{EVAL_NAME}.json",
+    params:
+        data=f"{RUN}/shards",
+        runs=[f"{RUN}/runs/{name}" for name in TRAIN_RUNS],
+        # per-rate runs are each scored at their own rate; one model is scored on the whole grid
+        rates=f"--rates {CFG.evaluate.rates}" if CFG.train.protocol == "single-model" else "",
+        corruption=CFG.evaluate.corruption,
+        sections=section_hash("train", "evaluate"),
+    log:
+        f"{RUN}/logs/evaluate.log",
+    benchmark:
+        f"{RUN}/benchmarks/evaluate.tsv"
+    resources:
+        mem_mb=CFG.train.mem_mb,
+        runtime=60,
+    threads: CFG.train.threads
+    shell:
+        "msaflow evaluate {params.runs:q} --data {params.data:q} --rates {params.rates:q}"
+        " --corruption {params.corruption} --threads {threads} -o {output:q} > {log:q} 2>&1"
+
+
+rule report:
+    input:
+        shards=rules.shards.output[0],
+        metrics=rules.evaluate.output[0],
+    output:
+        f"{RUN}/report/report.md",
+    params:
+        shards=f"{RUN}/shards",
+        out=f"{RUN}/report",
+        config=CONFIG_FILE,
+        timings=f"{RUN}/benchmarks",
+        title=f"msaflow run report: {CFG.run_name}",
+    log:
+        f"{RUN}/logs/report.log",
+    benchmark:
+        f"{RUN}/benchmarks/report.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    threads: 1
+    shell:
+        "msaflow report -o {params.out:q} --shards {params.shards:q} --metrics {input.metrics:q}"
+        " --config {params.config:q} --timings {params.timings:q} --title {params.title:q} > {log:q} 2>&1"

@@ -16,7 +16,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
@@ -46,6 +46,38 @@ class WorkflowSection(BaseModel):
                                                    "bound them with snakemake --resources gpu=N)")
 
 
+class TrainSection(BaseModel):
+    """Training runs of the workflow: one `msaflow train` per seed (x rate for `per-rate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("emt-dlfr", description="registered model (`msaflow train --list-models`); `end-to-end` "
+                                               "trains front-ends over raw shards (its settings in model.extra)")
+    preset: Literal["mosi", "mosei", "sims"] = Field("mosi", description="hyperparameter preset and metric family")
+    protocol: Literal["single-model", "per-rate"] = Field(
+        "single-model", description="single-model: one model, rate drawn per batch; per-rate: a model per rate")
+    rates: list[float] = Field([0.0], description="per-rate protocol: training missing rates")
+    seeds: list[int] = Field([0], min_length=1, description="one run per seed; metrics are mean +- std")
+    epochs: PositiveInt | None = Field(None, description="maximum epochs (preset when null)")
+    patience: PositiveInt | None = Field(None, description="early-stopping patience (preset when null)")
+    batch_size: PositiveInt | None = None
+    grad_accum: PositiveInt | None = None
+    freeze_text: bool = Field(False, description="keep the text encoder frozen")
+    threads: PositiveInt = Field(2, description="torch CPU threads (also the job's Snakemake threads)")
+    gpus: int = Field(0, ge=0, description="GPUs per training job (Snakemake resource `gpu`)")
+    mem_mb: PositiveInt = 8000
+    model_settings: dict[str, Any] = Field(default_factory=dict,
+                                           description="ModelConfig keys over the preset (model/config.py)")
+    optim: dict[str, Any] = Field(default_factory=dict, description="OptimConfig keys over the preset (model/config.py)")
+
+
+class EvaluateSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rates: str = Field("0.0:1.0:0.1", description="missing rates (or noise levels) START:STOP:STEP or a comma list")
+    corruption: Literal["missing", "noise"] = "missing"
+
+
 class WorkflowConfig(BaseModel):
     """The whole workflow YAML. Results land in `results/<run_name>/`."""
 
@@ -56,6 +88,8 @@ class WorkflowConfig(BaseModel):
     workflow: WorkflowSection = Field(default_factory=WorkflowSection)
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="options of `msaflow extract`")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="options of `msaflow shards`")
+    train: TrainSection = Field(default_factory=TrainSection, description="`msaflow train` runs")
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="options of `msaflow evaluate`")
 
 
 def workflow_schema() -> dict:

@@ -26,7 +26,8 @@ from msaflow.model.config import ModelConfig
 from msaflow.model.metrics import aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
-from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, limit_splits, load_mmsa_pickle
+from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, limit_splits
+from msaflow.pipeline.shard_splits import load_splits
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
 DEFAULT_GRID = "0.0:1.0:0.1"
@@ -57,7 +58,10 @@ def predict(model, split: Split, *, corruption: str = "missing", level: float = 
     model.eval()
     preds, labels, extras = [], [], defaultdict(float)
     for batch in iterate_batches(split, batch_size):
-        view = corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed)
+        if corruption == "missing" and hasattr(model, "simulate_missing"):  # end-to-end: drops front-end outputs
+            view = model.simulate_missing(batch, level, unk_id=unk_id, seed=mask_seed)
+        else:
+            view = corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed)
         if text_cache is not None:
             view = text_cache.attach(view, split.name, level if corruption == "missing" else 0.0)
         out = model(view)
@@ -156,7 +160,8 @@ def _fmt(v) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="training run directories (seeds / per-rate runs are aggregated)")
-    p.add_argument("--data", required=True, type=Path, help="MMSA feature pickle (trusted file; it is unpickled)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="shard folder or MMSA feature pickle (trusted file; it is unpickled): the runs' data")
     p.add_argument("--rates", default=None, help=f"grid 'start:stop:step' or 'a,b,c' (default {DEFAULT_GRID} for "
                    "single-model runs, the training rate for per-rate runs)")
     p.add_argument("--corruption", choices=["missing", "noise"], default="missing",
@@ -171,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
     for key in ("zscore", "limit"):
         if len({r.get(key) for r in runs}) != 1:
             raise SystemExit(f"runs disagree on {key!r}; evaluate them separately")
-    splits = limit_splits(load_mmsa_pickle(args.data, zscore=runs[0]["zscore"]), runs[0].get("limit", 0))
+    splits = limit_splits(load_splits(args.data, zscore=runs[0]["zscore"]), runs[0].get("limit", 0))
     results = []
     for run_dir, run in zip(args.runs, runs):
         if args.rates:

@@ -60,7 +60,10 @@ class Split:
             if m in out:
                 t = max(int(out[f"{m}_lengths"].max()), 1)
                 out[m] = out[m][:, :t]
-                out[f"{m}_present"] = torch.arange(t)[None, :] < out[f"{m}_lengths"][:, None]
+                present = torch.arange(t)[None, :] < out[f"{m}_lengths"][:, None]
+                if f"{m}_present" in out:  # shards also mark steps without data (no face, no audio)
+                    present &= out[f"{m}_present"][:, :t]
+                out[f"{m}_present"] = present
         return out
 
 

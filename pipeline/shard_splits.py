@@ -90,3 +90,12 @@ def load_shard_splits(shard_dir: str | Path, zscore: bool = True) -> dict[str, S
     if zscore and shard_mode(shard_dir) == "features":
         zscore_features(splits)
     return splits
+
+
+def load_splits(path: str | Path, zscore: bool = True) -> dict[str, Split]:
+    """The train/valid/test splits of a shard folder or of an MMSA feature pickle."""
+    if is_shard_dir(path):
+        return load_shard_splits(path, zscore=zscore)
+    from msaflow.pipeline.mmsa_pickle import load_mmsa_pickle
+
+    return load_mmsa_pickle(path, zscore=zscore)

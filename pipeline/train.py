@@ -94,6 +94,9 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
         import yaml
 
         overrides = yaml.safe_load(args.config.read_text()) or {}
+        if "train" in overrides:  # a workflow config: the settings of its train section
+            section = overrides["train"] or {}
+            overrides = {"model": section.get("model_settings") or {}, "optim": section.get("optim") or {}}
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **overrides.get("model", {})})
         optim_cfg = OptimConfig.from_dict({**optim_cfg.to_dict(), **overrides.get("optim", {})})
     dims = feature_dims(splits["train"])
