@@ -66,10 +66,10 @@ def test_baseline_trains_on_real_mosi(name, real_batch, text_states):
     torch.manual_seed(0)
     model = build_model(name, config())
     batch = {**only(real_batch, ("text", "audio")), "text": text_states}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     losses = []
-    for step in range(25):
+    for step in range(15):
         incomplete = simulate_missing(batch, 0.3, seed=step)
         loss, logs = model.compute_loss(batch, incomplete)
         assert torch.isfinite(loss) and logs["l1"] >= 0
@@ -83,7 +83,7 @@ def test_baseline_trains_on_real_mosi(name, real_batch, text_states):
             assert no_grad == [], f"{name}: no gradient reaches {no_grad}"
         opt.step()
         losses.append(logs["l1"])
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, f"{name} did not fit a tiny real batch: {losses}"
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"{name} did not fit a tiny real batch: {losses}"
     model.eval()
     out = model(simulate_missing(batch, 0.5, seed=99))
     assert out["pred"].shape == (N,) and torch.all(torch.isfinite(out["pred"]))
@@ -135,42 +135,27 @@ def test_dynmm_hard_routing_at_eval(real_batch, text_states):
     torch.testing.assert_close(full["pred"], model.expensive(vectors))
 
 
-def dynmm_share_after_training(lam: float, batch: dict) -> float:
+def dynmm_routing_after_training(lam: float, batch: dict) -> tuple[float, float]:
+    """(hard share routed to the expensive expert, mean gate probability of it) after 15 steps."""
     torch.manual_seed(0)
     model = build_model("dynmm", config(dynmm_lambda=lam))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for step in range(40):
+    for step in range(15):
         loss, _ = model.compute_loss(batch, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        return float(model(batch)["expensive_share"])
+        share = float(model(batch)["expensive_share"])
+        text = model.utterances(batch, ("text",))["text"]
+        prob = model.gate(model.gate_inputs(batch, text)).softmax(-1)[:, 1].mean()
+    return share, float(prob)
 
 
 def test_dynmm_compute_penalty_lowers_the_expensive_share(real_batch, text_states):
     batch = {**only(real_batch, ("text", "audio")), "text": text_states}
-    free, penalised = dynmm_share_after_training(0.0, batch), dynmm_share_after_training(5.0, batch)
-    assert penalised == 0.0
-    assert penalised < free
-
-
-def test_text_memo_matches_the_encoder_and_persists(real_batch, tmp_path):
-    batch = only(real_batch, ("text",))
-    direct = build_model("text-only", config(("text",)))
-    memo_model = build_model("text-only", config(("text",), text_memo=str(tmp_path)))
-    dropped = simulate_missing(batch, 0.5, seed=3)
-    with torch.no_grad():
-        for b in (batch, dropped):
-            torch.testing.assert_close(memo_model.text_vector(b), direct.text_vector(b), atol=1e-5, rtol=1e-4)
-    memo = memo_model.memo
-    assert memo.misses == len(memo) and len(memo) > N  # dropped tokens made new sequences
-    memo.flush()
-    from msaflow.model.text_memo import TextMemo
-
-    reloaded = TextMemo(tmp_path, memo.root.name)
-    assert len(reloaded) == len(memo)
-    hits = reloaded.lookup(dropped["text_ids"], dropped["text_lengths"], lambda *a: pytest.fail("should be a hit"))
-    torch.testing.assert_close(hits, direct.text_vector(dropped), atol=1e-5, rtol=1e-4)
+    (free_share, free_prob), (pen_share, pen_prob) = (dynmm_routing_after_training(lam, batch) for lam in (0.0, 5.0))
+    assert pen_share == 0.0 and pen_share <= free_share
+    assert pen_prob < free_prob / 10, (pen_prob, free_prob)  # the penalty drives the gate to the cheap expert
