@@ -4,7 +4,7 @@ A frozen encoder is a pure function of the token ids, so its pooled vector can b
 once per distinct (possibly [UNK]-corrupted) sequence and reused: by later epochs, by other
 models and seeds, and by `msaflow evaluate`. With fixed per-sample drop masks (nested across
 rates) a sample has at most (tokens + 1) distinct corrupted versions, so the memo stays small
-and training a fusion head on a frozen encoder costs seconds per epoch instead of minutes.
+and a warm lookup replaces a forward pass of the encoder (benchmarks/bench_text_memo.py).
 
 The memo is exact up to float rounding: misses are encoded in padded batches, and the first
 value stored for a sequence is the one every later lookup returns. It lives in a directory
