@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from msaflow.model.config import ModelConfig
-from msaflow.model.metrics import aggregate, auilc_table, compute_metrics
+from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
 from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, limit_splits
@@ -64,8 +64,9 @@ def predict(model, split: Split, *, corruption: str = "missing", level: float = 
             view = corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed)
         if text_cache is not None:
             view = text_cache.attach(view, split.name, level if corruption == "missing" else 0.0)
-        out = model(view)
-        preds.append(out["pred"].float().numpy())
+        device = next(model.parameters()).device
+        out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in view.items()})
+        preds.append(out["pred"].float().cpu().numpy())
         labels.append(batch["label"].numpy())
         if "expensive_share" in out:  # dynamic-routing models report their compute use
             extras["expensive_share"] += float(out["expensive_share"]) * len(batch["id"])
@@ -143,7 +144,9 @@ def combine(results: list[tuple[dict, dict]]) -> dict:
 
 
 def write_csv(path: Path, metrics: dict) -> None:
-    keys = list(next(iter(metrics["rates"].values())).keys())
+    present = list(next(iter(metrics["rates"].values())).keys())
+    known = [k for k in (*MOSI_KEYS, *SIMS_KEYS) if k in present]
+    keys = list(dict.fromkeys(known + sorted(present)))  # the papers' column order, then any extras
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["rate"] + [c for k in keys for c in (k, f"{k}_std")])
@@ -172,6 +175,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    not_runs = [str(d) for d in args.runs if not (Path(d) / "config.json").is_file()]
+    if not_runs:
+        raise SystemExit(f"not training run directories (no config.json): {', '.join(not_runs)}")
     runs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
     for key in ("zscore", "limit"):
         if len({r.get(key) for r in runs}) != 1:

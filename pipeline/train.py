@@ -33,6 +33,7 @@ from msaflow.model.registry import available_models, build_model
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
 from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, limit_splits
 from msaflow.pipeline.shard_splits import load_splits
+from msaflow.pipeline.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
@@ -85,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this folder (implies --freeze-text and fixed train masks; single-model rates from the 0.1 grid)")
     p.add_argument("--no-zscore", action="store_true", help="feed audio/vision unnormalised")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when there is one (under torchrun: the process's LOCAL_RANK GPU)")
     p.add_argument("--limit", type=int, default=0, help="first N samples per split only (smoke tests)")
 
 
@@ -139,7 +142,8 @@ def validation_loss(model, split: Split, run: RunConfig, batch_size: int, cache=
     for rate in run.valid_rates:
         for batch in iterate_batches(split, batch_size):
             complete, incomplete = views(batch, rate, run, split.name, cache=cache, drop=missing_simulation(model))
-            _, logs = model.compute_loss(complete, incomplete)
+            device = next(model.parameters()).device
+            _, logs = model.compute_loss(to_device(complete, device), to_device(incomplete, device))
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch["id"])
     return {k: v / (len(split) * len(run.valid_rates)) for k, v in sums.items()}
@@ -172,6 +176,35 @@ def views(batch: dict, rate: float, run: RunConfig, split_name: str, generator: 
     return cache.attach(batch, split_name, 0.0), cache.attach(incomplete, split_name, rate)
 
 
+class LossStep(torch.nn.Module):
+    """`model.compute_loss` as a forward pass, so DistributedDataParallel can wrap it: DDP
+    averages gradients over processes only for work done inside its wrapper's forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, complete: dict, incomplete: dict):
+        return self.model.compute_loss(complete, incomplete)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def rank_rows(batch: dict, ctx: DistContext) -> dict:
+    """This process's contiguous block of a global batch (every process drew the same batch
+    and the same masks, so the union over processes is exactly the one-process batch)."""
+    if not ctx.is_distributed:
+        return batch
+    n = len(batch["id"])
+    if n % ctx.world_size:
+        raise ValueError(f"batch of {n} samples does not split over {ctx.world_size} processes: "
+                         f"make --batch-size a multiple of the process count")
+    rows = slice(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
+    return {k: (v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == n else v) for k, v in batch.items()}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -182,6 +215,15 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(available_models()))
         return 0
     torch.set_num_threads(args.threads)
+    ctx = init_distributed(args.device)  # under torchrun: one process per GPU (gloo on CPU)
+    try:
+        return train(args, ctx)
+    finally:
+        cleanup()
+
+
+def train(args: argparse.Namespace, ctx: DistContext) -> int:
+    main_process = ctx.is_main
     run_dir: Path = args.out
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path, config_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.json"
@@ -192,16 +234,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"resuming {run_dir} from {checkpoint_path.name}", flush=True)
     else:
         run = build_run_config(args, splits)
-        write_json_atomic(config_path, asdict(run))
+        if main_process:
+            write_json_atomic(config_path, asdict(run))
     splits = limit_splits(splits, run.limit)
     optim_cfg = OptimConfig.from_dict(run.optim_config)
 
     seed_everything(run.seed)
-    model = build_model(run.model, ModelConfig.from_dict(run.model_config))
+    model = build_model(run.model, ModelConfig.from_dict(run.model_config)).to(ctx.device)
+    if ctx.is_distributed and ctx.device.type == "cuda":  # BatchNorm statistics over the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.param_groups(optim_cfg))  # coupled L2 via weight_decay, as released
     shuffle_gen = torch.Generator().manual_seed(run.seed)
     mask_gen = torch.Generator().manual_seed(run.seed + 1)
-    state = {"epoch": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "seconds": 0.0}
+    state = {"epoch": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "seconds": 0.0,
+             "world_size": ctx.world_size}
 
     if checkpoint_path.is_file():
         ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
@@ -211,6 +257,7 @@ def main(args: argparse.Namespace) -> int:
         mask_gen.set_state(ckpt["rng"]["mask"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         state = ckpt["state"]
+    loss_step = wrap_model(LossStep(model), ctx, find_unused_parameters=True)
 
     unk = run.model_config["unk_id"]
     test_rates = parse_rates(DEFAULT_GRID) if run.protocol == "single-model" else [run.missing_rate]
@@ -231,7 +278,8 @@ def main(args: argparse.Namespace) -> int:
             rate = train_rate(run, mask_gen)
             complete, incomplete = views(batch, rate, run, "train", generator=mask_gen, cache=cache,
                                          drop=missing_simulation(model))
-            loss, logs = model.compute_loss(complete, incomplete)
+            complete, incomplete = (to_device(rank_rows(v, ctx), ctx.device) for v in (complete, incomplete))
+            loss, logs = loss_step(complete, incomplete)
             loss.backward()
             if (step + 1) % optim_cfg.grad_accum == 0:
                 optimizer.step()
@@ -244,8 +292,9 @@ def main(args: argparse.Namespace) -> int:
         improved = valid[select] < state["best"] - optim_cfg.min_delta
         if improved:
             state.update(best=valid[select], best_epoch=epoch, bad_epochs=0)
-            with atomic_path(best_path) as tmp:
-                torch.save(model.state_dict(), tmp)
+            if main_process:
+                with atomic_path(best_path) as tmp:
+                    torch.save(model.state_dict(), tmp)
         else:
             state["bad_epochs"] += 1
         seconds = time.time() - t0
@@ -254,18 +303,24 @@ def main(args: argparse.Namespace) -> int:
                   "train": {k: v / max(n_batches, 1) for k, v in train_sums.items()}, "valid": valid}
         state["history"].append(record)
         state["epoch"] = epoch + 1
-        save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-            "rng": {"shuffle": shuffle_gen.get_state(), "mask": mask_gen.get_state(), "torch": torch.get_rng_state()},
-        })
-        write_json_atomic(run_dir / "history.json", state["history"])
-        print(f"epoch {epoch}: train loss {record['train'].get('loss', float('nan')):.4f}  valid {select} "
-              f"{valid[select]:.4f}{'  *best*' if improved else ''}  ({seconds:.0f} s)", flush=True)
+        if main_process:
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                "rng": {"shuffle": shuffle_gen.get_state(), "mask": mask_gen.get_state(),
+                        "torch": torch.get_rng_state()},
+            })
+            write_json_atomic(run_dir / "history.json", state["history"])
+        barrier()  # no process starts the next epoch before the checkpoint is on disk
+        if main_process:
+            print(f"epoch {epoch}: train loss {record['train'].get('loss', float('nan')):.4f}  valid {select} "
+                  f"{valid[select]:.4f}{'  *best*' if improved else ''}  ({seconds:.0f} s)", flush=True)
 
     metrics_path = run_dir / "metrics.json"
+    if not main_process:
+        return 0
     if not metrics_path.is_file():
         # the test split is touched once, here, with the weights chosen on validation
-        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(best_path, map_location=ctx.device, weights_only=True))
         per_rate = score(model, splits["test"], test_rates, corruption="missing", mask_seed=run.mask_seed,
                          dataset=run.dataset, unk_id=unk, text_cache=cache)
         write_json_atomic(metrics_path, {"rates": per_rate, "n_test": len(splits["test"]), "best_epoch":
