@@ -306,9 +306,16 @@ class EndToEnd(MSAModel):
             loss, logs = self.fusion.compute_loss(feats_c, feats_i)
         return loss.float(), logs
 
-    def simulate_missing(self, batch: dict, rate: float, *, unk_id: int | None = None, **kw) -> dict:
+    def simulate_missing(self, batch: dict, rate: float, *, unk_id: int | None = None,
+                         generator: torch.Generator | None = None, seed: int | None = None) -> dict:
+        """`msaflow.model.missing.simulate_missing` with the same signature, for raw or features batches."""
         unk_id = self.unk_id if unk_id is None else unk_id
-        return simulate_missing_raw(batch, rate, modalities=list(self.frontends), unk_id=unk_id, **kw)
+        if self._is_features(batch):
+            from msaflow.model.missing import simulate_missing
+
+            return simulate_missing(batch, rate, unk_id=unk_id, generator=generator, seed=seed)
+        return simulate_missing_raw(batch, rate, modalities=list(self.frontends), unk_id=unk_id,
+                                    generator=generator, seed=seed)
 
     @property
     def unk_id(self) -> int:

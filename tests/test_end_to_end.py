@@ -252,3 +252,13 @@ def test_raw_view_without_step_masks_is_refused(grid_members):
     text_only_view = simulate_missing(batch, 0.5, seed=0)  # sees no `audio`/`vision` keys: drops text only
     with pytest.raises(KeyError, match="EndToEnd.simulate_missing"):
         model.compute_loss(batch, text_only_view)
+
+
+def test_simulation_has_the_features_mode_signature(grid_members):
+    """The training loop calls `model.simulate_missing(batch, rate, unk_id=..., generator=... | seed=...)`."""
+    model = small_model()
+    batch = raw_batch(grid_members)
+    a = model.simulate_missing(batch, 0.4, unk_id=100, seed=3)
+    b = model.simulate_missing(batch, 0.4, unk_id=100, generator=torch.Generator().manual_seed(0))
+    assert {"text_missing", "audio_missing", "vision_missing"} <= set(a) & set(b)
+    assert not torch.equal(a["audio_missing"], b["audio_missing"])

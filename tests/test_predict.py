@@ -156,3 +156,42 @@ def test_pickle_run_is_refused(run_dir, shared_data, tmp_path, capsys):
     (tmp_path / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
     assert cli(["predict", str(shared_data / "raw" / "grid" / "sbia1a.mpg"), "--checkpoint", str(tmp_path)]) == 2
     assert "MMSA feature pickle" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_end_to_end_run_from_raw_shards_predicts(shared_data, tmp_path, capsys):
+    """The product path: manifest -> extract (raw) -> shards -> `msaflow train --model end-to-end`
+    (FER unfrozen after epoch 1, CREPE tiny frozen) -> `msaflow predict` on a held-out clip."""
+    import yaml
+
+    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
+
+    names = sorted(p.stem for p in (shared_data / "raw" / "grid").glob("*.mpg"))
+    splits = ["train"] * 7 + ["valid"] * 2 + ["test"] * (len(names) - 9)
+    rows = [{"id": f"grid/{n}", "video_id": "grid", "clip_id": n, "path": str(shared_data / "raw" / "grid" / f"{n}.mpg"),
+             "text": "", "label": round(float(np.clip((int(c) - 4.5) / 1.5, -3, 3)), 3), "split": s}
+            for n, s in zip(names, splits) for c in [next((ch for ch in n if ch.isdigit()), "4")]]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(manifest, index=False)
+    workflow = tmp_path / "workflow.yaml"
+    workflow.write_text(yaml.safe_dump({"extract": {"mode": "raw", "fps": 5.0, "detect_every": 2, "threads": 1}}))
+    train_cfg = tmp_path / "train.yaml"
+    train_cfg.write_text(yaml.safe_dump({
+        "model": {**SMALL, "extra": {"end_to_end": {"fusion": "emt-dlfr", "frontends": {"vision": "fer", "audio": "crepe-tiny"},
+                                                    "policies": {"vision": "unfreeze_after: 1"}}}},
+        "optim": {"batch_size": 2, "grad_accum": 1}}))
+    assert cli(["extract", str(manifest), "-o", str(tmp_path / "extract"), "--config", str(workflow)]) == 0
+    assert cli(["shards", str(tmp_path / "extract"), "--manifest", str(manifest), "-o", str(tmp_path / "shards"),
+                "--config", str(workflow)]) == 0
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(tmp_path / "shards"), "--model", "end-to-end", "--config", str(train_cfg),
+                "--epochs", "2", "--missing-rate", "0.2", "--seed", "0", "-o", str(run)]) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 2 and all(np.isfinite(h["train"]["loss"]) for h in history)
+    capsys.readouterr()
+    video = shared_data / "raw" / "grid" / f"{names[-1]}.mpg"
+    assert cli(["predict", str(video), "--checkpoint", str(run), "--extract-config", str(workflow), "--json",
+                "--text", "place white"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "end-to-end" and result["mode"] == "raw" and np.isfinite(result["score"])
+    assert result["n_face_frames"] == result["n_frames"] == 15 and result["has_audio"] and result["has_text"]
