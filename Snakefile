@@ -21,7 +21,7 @@ from msaflow.pipeline.config import WorkflowConfig, canonical_json, extract_conf
 # so the workflow works from a virtual environment that is not activated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
-validate(config, "pipeline/schemas/workflow.schema.json")
+validate(config, "pipeline/schemas/workflow.schema.json", set_default=False)  # pydantic fills the defaults
 CFG = WorkflowConfig.model_validate(config)
 RUN = f"results/{CFG.run_name}"
 N_CHUNKS = CFG.workflow.extract_chunks
@@ -47,6 +47,8 @@ def dataset_csv():
     """The dataset's CSV (labels, splits, transcripts), so that editing it re-runs the manifest."""
     from msaflow.datasets.adapters import select_adapter
 
+    if CFG.dataset is None:
+        return []
     root = Path(CFG.dataset.root)
     try:
         path = select_adapter(root, CFG.dataset).csv_path(root, CFG.dataset) if root.is_dir() else None
@@ -84,6 +86,8 @@ def training_runs():
 
 
 TRAIN_RUNS = training_runs()
+# Training reads the workflow's own shards, or an MMSA feature pickle given instead of raw media.
+TRAIN_DATA = CFG.pickle or f"{RUN}/shards"
 EVAL_NAME = f"{CFG.train.model}-{CFG.train.protocol}"
 # More than one GPU per training job: the job runs under torchrun, one process per GPU.
 TRAIN_LAUNCH = (f"torchrun --standalone --nproc_per_node {CFG.train.gpus} -m msaflow.pipeline.cli"
@@ -167,12 +171,12 @@ rule shards:
 
 rule train:
     input:
-        shards=rules.shards.output[0],
+        data=TRAIN_DATA if CFG.pickle else rules.shards.output[0],
     output:
         f"{RUN}/runs/{{run}}/metrics.json",
     params:
         args=lambda wc: TRAIN_RUNS[wc.run],
-        data=f"{RUN}/shards",
+        data=TRAIN_DATA,
         out=lambda wc: f"{RUN}/runs/{wc.run}",
         config=CONFIG_FILE,
         sections=section_hash("train"),
@@ -194,12 +198,11 @@ rule train:
 
 rule evaluate:
     input:
-        shards=rules.shards.output[0],
         runs=expand(rules.train.output[0], run=list(TRAIN_RUNS)),
     output:
         f"{RUN}/evaluate/{EVAL_NAME}.json",
     params:
-        data=f"{RUN}/shards",
+        data=TRAIN_DATA,
         runs=[f"{RUN}/runs/{name}" for name in TRAIN_RUNS],
         # per-rate runs are each scored at their own rate; one model is scored on the whole grid
         rates=f"--rates {CFG.evaluate.rates}" if CFG.train.protocol == "single-model" else "",
@@ -214,18 +217,18 @@ rule evaluate:
         runtime=60,
     threads: CFG.train.threads
     shell:
-        "msaflow evaluate {params.runs:q} --data {params.data:q} --rates {params.rates:q}"
+        "msaflow evaluate {params.runs:q} --data {params.data:q} {params.rates}"
         " --corruption {params.corruption} --threads {threads} -o {output:q} > {log:q} 2>&1"
 
 
 rule report:
     input:
-        shards=rules.shards.output[0],
+        shards=[] if CFG.pickle else rules.shards.output[0],
         metrics=rules.evaluate.output[0],
     output:
         f"{RUN}/report/report.md",
     params:
-        shards=f"{RUN}/shards",
+        shards="" if CFG.pickle else f"--shards {RUN}/shards",
         out=f"{RUN}/report",
         config=CONFIG_FILE,
         timings=f"{RUN}/benchmarks",
@@ -239,5 +242,5 @@ rule report:
         runtime=10,
     threads: 1
     shell:
-        "msaflow report -o {params.out:q} --shards {params.shards:q} --metrics {input.metrics:q}"
+        "msaflow report -o {params.out:q} {params.shards} --metrics {input.metrics:q}"
         " --config {params.config:q} --timings {params.timings:q} --title {params.title:q} > {log:q} 2>&1"

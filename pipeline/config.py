@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from msaflow.pipeline.extract import ExtractConfig
 from msaflow.pipeline.manifest import ManifestConfig
@@ -84,12 +84,21 @@ class WorkflowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", title="msaflow workflow config")
 
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="results/<run_name>/")
-    dataset: DatasetSection
+    dataset: DatasetSection | None = Field(None, description="raw media to run the whole workflow on")
+    pickle: str | None = Field(None, description="an MMSA feature pickle (e.g. unaligned_50.pkl) to train on "
+                                                 "instead of raw media: the workflow then starts at `train`")
     workflow: WorkflowSection = Field(default_factory=WorkflowSection)
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="options of `msaflow extract`")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="options of `msaflow shards`")
     train: TrainSection = Field(default_factory=TrainSection, description="`msaflow train` runs")
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="options of `msaflow evaluate`")
+
+
+    @model_validator(mode="after")
+    def one_data_source(self) -> "WorkflowConfig":
+        if (self.dataset is None) == (self.pickle is None):
+            raise ValueError("give exactly one of `dataset` (raw media) and `pickle` (MMSA features)")
+        return self
 
 
 def workflow_schema() -> dict:
