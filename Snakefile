@@ -81,6 +81,7 @@ def training_runs():
                                 ("--batch-size", t.batch_size), ("--grad-accum", t.grad_accum)):
                 args += "" if value is None else f" {flag} {value}"
             args += " --freeze-text" if t.freeze_text else ""
+            args += f" --valid-rates {t.valid_rates}" if t.valid_rates else ""
             runs[name] = args
     return runs
 

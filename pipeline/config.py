@@ -63,6 +63,8 @@ class TrainSection(BaseModel):
     batch_size: PositiveInt | None = None
     grad_accum: PositiveInt | None = None
     freeze_text: bool = Field(False, description="keep the text encoder frozen")
+    valid_rates: str | None = Field(None, description="missing rates of the validation loss, e.g. '0.0,0.5' "
+                                                      "(null: the training rate for per-rate, 0.0:1.0:0.2 otherwise)")
     threads: PositiveInt = Field(2, description="torch CPU threads (also the job's Snakemake threads)")
     gpus: int = Field(0, ge=0, description="GPUs per training job (Snakemake resource `gpu`)")
     mem_mb: PositiveInt = 8000
