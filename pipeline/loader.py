@@ -327,18 +327,36 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
         raise ShardError(f"{path}: sample #{wanted[next_wanted][0]} not found")
 
 
-def shuffle_buffer(samples: Iterable[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
-    """Yield every sample once, in an order mixed within a window of `size` samples."""
-    buffer: list[Sample] = []
-    for sample in samples:
+def shuffle_buffer(samples: Iterable, size: int, rng: np.random.Generator, initial: int | None = None) -> Iterator:
+    """Yield every sample once, in an order mixed within a window of up to `size` samples.
+
+    Yielding starts once `initial` samples (default size // 10) are buffered, and the buffer
+    keeps growing to `size` (two in, one out), so the first batch does not wait for a full
+    buffer to be decoded.
+    """
+    initial = max(1, size // 10 if initial is None else min(initial, size))
+    buffer: list = []
+    source = iter(samples)
+    for sample in source:
+        buffer.append(sample)
         if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(size))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
+            buffer.extend(next_items(source, 1))
+        if len(buffer) >= initial:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
+
+
+def next_items(source: Iterator, n: int) -> list:
+    """Up to n more items of an iterator (fewer at its end)."""
+    out = []
+    for item in source:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
 
 
 # ---------------------------------------------------------------------------- collation

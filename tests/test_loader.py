@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from loader_shards import CLS, SEP, write_split
 
-from msaflow.pipeline.loader import ShardError, epoch_sequence, make_loader, rank_batches
+from msaflow.pipeline.loader import ShardError, epoch_sequence, make_loader, rank_batches, shuffle_buffer
 
 SHARD_SIZES = [7, 3, 5, 1]  # uneven on purpose; 16 samples
 
@@ -285,3 +285,20 @@ def test_real_grid_shards_from_the_pipeline(shared_data, tmp_path):
             assert (batch["text_ids"][:, 0] == CLS).all()
             assert (batch["text_ids"][torch.arange(n), batch["text_lengths"] - 1] == SEP).all()
     assert sum(seen.values()) == 5
+
+
+def test_shuffle_buffer_yields_everything_once_and_starts_early():
+    consumed = []
+
+    def source():
+        for i in range(500):
+            consumed.append(i)
+            yield i
+
+    out = shuffle_buffer(source(), 100, np.random.default_rng(0))
+    first = next(out)
+    assert len(consumed) <= 20  # yielding starts at size // 10, not after a full buffer
+    rest = [first, *out]
+    assert sorted(rest) == list(range(500)) and rest != list(range(500))
+    assert rest == list(shuffle_buffer(range(500), 100, np.random.default_rng(0)))
+    assert list(shuffle_buffer(range(3), 100, np.random.default_rng(0), initial=1000)) != []
