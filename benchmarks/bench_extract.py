@@ -108,7 +108,7 @@ def speed(args) -> None:
     clips = sorted((args.data / "raw" / "grid").glob("*.mpg"))
     if not clips:
         sys.exit(f"no GRID clips under {args.data}/raw/grid")
-    jobs = _jobs(clips)
+    jobs = _jobs(clips[: args.clips] if args.clips else clips)
     torch.set_num_threads(args.threads)
     base = ExtractConfig(device="cpu")
     variants = {"decode only (floor)": None, "naive per-frame MTCNN": "naive"}
@@ -124,14 +124,16 @@ def speed(args) -> None:
         for name in variants:  # warm-up: first calls pay one-time initialisation
             _run_one(name, variants[name], jobs[0], naive, extractors, base, Path(tmp) / "warm")
         for rep in range(args.repeats):
-            for name in variants:  # interleaved, so load changes hit every variant alike
-                out = Path(tmp) / f"{rep}-{len(results)}"
-                totals = results.setdefault(name, defaultdict(float))
-                t0 = time.perf_counter()
-                for job in jobs:
+            for job in jobs:
+                for name in variants:  # interleaved per clip, so load changes hit every variant alike
+                    out = Path(tmp) / f"{rep}-{list(variants).index(name)}"
+                    totals = results.setdefault(name, defaultdict(float))
+                    t0 = time.perf_counter()
                     for stage, s in _run_one(name, variants[name], job, naive, extractors, base, out).items():
                         totals[stage] += s
-                totals["wall"] += time.perf_counter() - t0
+                    totals["wall"] += time.perf_counter() - t0
+                print(f"done {job.id}: " + ", ".join(f"{n} {results[n]['wall']:.1f}s" for n in results),
+                      file=sys.stderr, flush=True)
     n_clips = len(jobs) * args.repeats
     floor = results["decode only (floor)"]["wall"]
     naive_wall = results["naive per-frame MTCNN"]["wall"]
@@ -201,6 +203,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path(os.environ.get("MSAFLOW_SHARED_DATA", REPO.parent / "shared" / "data")))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--clips", type=int, default=0, help="only the first N GRID clips (0: all)")
     p.add_argument("--settings", type=lambda s: tuple(float(x) if i == 0 else int(x) for i, x in enumerate(s.split(","))),
                    nargs="+", default=[(0.5, 5), (0.5, 10), (1.0, 1)], metavar="SCALE,EVERY",
                    help="msaflow detect_scale,detect_every pairs to time")
