@@ -161,7 +161,7 @@ def test_pickle_run_is_refused(run_dir, shared_data, tmp_path, capsys):
 @pytest.mark.slow
 def test_end_to_end_run_from_raw_shards_predicts(shared_data, tmp_path, capsys):
     """The product path: manifest -> extract (raw) -> shards -> `msaflow train --model end-to-end`
-    (FER unfrozen after epoch 1, CREPE tiny frozen) -> `msaflow predict` on a held-out clip."""
+    (FER fine-tuned, CREPE tiny frozen) -> `msaflow predict` on a held-out clip."""
     import yaml
 
     from msaflow.pipeline.manifest import MANIFEST_COLUMNS
@@ -178,7 +178,7 @@ def test_end_to_end_run_from_raw_shards_predicts(shared_data, tmp_path, capsys):
     train_cfg = tmp_path / "train.yaml"
     train_cfg.write_text(yaml.safe_dump({
         "model": {**SMALL, "extra": {"end_to_end": {"fusion": "emt-dlfr", "frontends": {"vision": "fer", "audio": "crepe-tiny"},
-                                                    "policies": {"vision": "unfreeze_after: 1"}}}},
+                                                    "policies": {"vision": "trained"}, "lr": {"vision": 1e-3}}}},
         "optim": {"batch_size": 2, "grad_accum": 1}}))
     assert cli(["extract", str(manifest), "-o", str(tmp_path / "extract"), "--config", str(workflow)]) == 0
     assert cli(["shards", str(tmp_path / "extract"), "--manifest", str(manifest), "-o", str(tmp_path / "shards"),
@@ -188,6 +188,13 @@ def test_end_to_end_run_from_raw_shards_predicts(shared_data, tmp_path, capsys):
                 "--epochs", "2", "--missing-rate", "0.2", "--seed", "0", "-o", str(run)]) == 0
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 2 and all(np.isfinite(h["train"]["loss"]) for h in history)
+    from msaflow.extractors.frontends import build
+
+    trained = torch.load(run / "last.pt", weights_only=True)["model"]
+    pretrained = {f"frontends.{m}.{k}": v for m, fe in build({"vision": "fer", "audio": "crepe-tiny"}).items()
+                  for k, v in fe.state_dict().items()}
+    moved = {k.split(".")[1] for k, v in pretrained.items() if not torch.equal(trained[k], v)}
+    assert moved == {"vision"}  # FER fine-tuned, CREPE frozen
     capsys.readouterr()
     video = shared_data / "raw" / "grid" / f"{names[-1]}.mpg"
     assert cli(["predict", str(video), "--checkpoint", str(run), "--extract-config", str(workflow), "--json",
