@@ -25,8 +25,7 @@ from msaflow.pipeline.mmsa_pickle import SPLITS, Split
 TIME_KEYS = {"text_ids": "text_lengths", "text": "text_lengths", "audio": "audio_lengths",
              "audio_present": "audio_lengths", "vision": "vision_lengths", "vision_present": "vision_lengths",
              "face": "vision_lengths", "fbank": "audio_lengths", "wav": "wav_lengths"}
-PER_SAMPLE_KEYS = ("label", "label_T", "label_A", "label_V", "text_lengths", "audio_lengths", "vision_lengths",
-                   "wav_lengths")
+OPTIONAL_LABELS = ("label_T", "label_A", "label_V")
 
 
 def is_shard_dir(path: str | Path) -> bool:
@@ -52,12 +51,20 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def read_split(shard_dir: str | Path, split: str, batch_size: int = 64) -> Split:
-    ids, parts = [], {}
+    ids, batches = [], []
     for batch in make_loader(shard_dir, split, batch_size, shuffle=False, rank=0, world_size=1):
         ids += batch["id"]
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and key != "weight":
-                parts.setdefault(key, []).append(value)
+        batches.append(batch)
+    parts: dict[str, list[torch.Tensor]] = {}
+    keys = {k for b in batches for k, v in b.items() if isinstance(v, torch.Tensor) and k != "weight"}
+    for batch in batches:
+        for key in sorted(keys):
+            if key in batch:
+                parts.setdefault(key, []).append(batch[key])
+            elif key in OPTIONAL_LABELS:  # a batch whose clips have no per-modality label: NaN rows
+                parts.setdefault(key, []).append(torch.full((len(batch["id"]),), float("nan")))
+            else:
+                raise ValueError(f"{shard_dir}/{split}: member {key!r} missing from some samples")
     tensors = {k: (_pad_cat(v) if k in TIME_KEYS else torch.cat(v)) for k, v in parts.items()}
     labels = tensors.get("label")
     if labels is not None and torch.isnan(labels).any():
