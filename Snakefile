@@ -86,7 +86,9 @@ def training_runs():
     return runs
 
 
-TRAIN_RUNS = training_runs()
+# A run folder name carries the hash of the train section: changed settings train afresh in a
+# new folder, while a stopped run with unchanged settings resumes from its checkpoint.
+TRAIN_RUNS = {f"{name}-{section_hash('train')[:8]}": args for name, args in training_runs().items()}
 # Training reads the workflow's own shards, or an MMSA feature pickle given instead of raw media.
 TRAIN_DATA = CFG.pickle or f"{RUN}/shards"
 EVAL_NAME = f"{CFG.train.model}-{CFG.train.protocol}"

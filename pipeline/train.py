@@ -229,8 +229,13 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     checkpoint_path, best_path, config_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.json"
 
     splits = load_splits(args.data, zscore=not args.no_zscore)
-    if checkpoint_path.is_file():  # resume: the saved run config wins over the command line
+    if checkpoint_path.is_file():  # resume, but only the run this command describes
         run = RunConfig(**json.loads(config_path.read_text()))
+        asked = asdict(build_run_config(args, splits))
+        changed = sorted(k for k, v in asdict(run).items() if k != "threads" and asked.get(k) != v)
+        if changed:
+            raise SystemExit(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
+                             f"resume it with its own command, or train into a new -o folder")
         print(f"resuming {run_dir} from {checkpoint_path.name}", flush=True)
     else:
         run = build_run_config(args, splits)
