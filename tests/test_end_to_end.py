@@ -194,7 +194,7 @@ def test_checkpointing_gives_identical_loss_gradients_and_statistics(grid_member
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.frontends.named_parameters() if p.grad is not None}
         buffers = {n: b.clone() for n, b in model.frontends.named_buffers()}
-        runs[ckpt] = (float(loss), grads, buffers)
+        runs[ckpt] = (float(loss.detach()), grads, buffers)
     assert runs[True][0] == runs[False][0]
     assert runs[True][1].keys() == runs[False][1].keys() and runs[True][1]
     for n, g in runs[False][1].items():
