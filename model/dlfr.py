@@ -71,7 +71,7 @@ class DLFR(nn.Module):
                 target = out_c["encoded"]["text"].local.detach()  # states after [CLS]
                 dropped = _missing(incomplete, m)[:, 1 : 1 + target.shape[1]]
             else:
-                target = complete[m]
+                target = complete[m].detach()  # end to end these are trained front-end outputs: no collapse
                 dropped = _missing(incomplete, m)
             losses[m] = reconstruction_loss(pred, target, dropped)
         return losses

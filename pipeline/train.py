@@ -56,6 +56,7 @@ class RunConfig:
     limit: int = 0  # use only the first N samples of each split (smoke tests); 0 = all
     text_cache: str = ""  # frozen-encoder mode: folder of cached text states ("" = run the encoder)
     model_config: dict = field(default_factory=dict)
+    extract: dict = field(default_factory=dict)  # the workflow's extraction settings (for `msaflow predict`)
     optim_config: dict = field(default_factory=dict)
 
 
@@ -93,10 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunConfig:
     model_cfg, optim_cfg = for_dataset(args.dataset)
+    extract_section: dict = {}
     if args.config:
         import yaml
 
         overrides = yaml.safe_load(args.config.read_text()) or {}
+        extract_section = overrides.get("extract") or {}
         if "train" in overrides:  # a workflow config: the settings of its train section
             section = overrides["train"] or {}
             overrides = {"model": section.get("model_settings") or {}, "optim": section.get("optim") or {}}
@@ -125,6 +128,7 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
         fixed_train_masks=args.fixed_train_masks or bool(args.text_cache), valid_rates=valid_rates, zscore=not args.no_zscore,
         threads=args.threads, limit=args.limit,
         text_cache=str(args.text_cache or ""), model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
+        extract=extract_section,
     )
 
 
@@ -274,6 +278,10 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     while state["epoch"] < optim_cfg.max_epochs and state["bad_epochs"] < optim_cfg.patience:
         epoch, t0 = state["epoch"], time.time()
         model.train()
+        if hasattr(model, "on_epoch_start"):  # end to end: front-ends frozen until their epoch comes
+            for modality in model.on_epoch_start(epoch) or []:
+                print(f"epoch {epoch}: {modality} front-end now {'trained' if model.trainable(modality) else 'frozen'}",
+                      flush=True)
         optimizer.zero_grad(set_to_none=True)
         train_sums: dict[str, float] = {}
         batches = iterate_batches(splits["train"], optim_cfg.batch_size, shuffle=True, generator=shuffle_gen,
