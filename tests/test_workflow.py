@@ -96,6 +96,8 @@ def write_config(path: Path, dataset: Path, chunks: int) -> Path:
     config["workflow"]["extract_chunks"] = chunks
     config["extract"] = {**config["extract"], "fps": 5.0, "detect_every": 2}  # few frames: fast on 2 CPU cores
     config["shards"]["max_samples"] = 1  # several shards per split
+    config["train"] = {**config["train"], "batch_size": 2, "epochs": 1}  # two train clips
+    config["evaluate"]["rates"] = "0.0,0.5,1.0"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -123,8 +125,20 @@ def test_workflow_end_to_end_then_nothing_to_do(tmp_path):
     assert train["n_samples"] == 2 and len(train["shards"]) == 2 and train["mode"] == "raw"
     assert train["modalities"]["vision_mask.npy"]["rate"] == 5.0
     assert train["manifest_hash"] == hashlib.sha256((out / "manifest.csv").read_bytes()).hexdigest()
-    for rule in ("manifest", "extract-1-of-2", "extract-2-of-2", "shards"):
+    for rule in ("manifest", "extract-1-of-2", "extract-2-of-2", "shards", "evaluate", "report"):
         assert (out / "logs" / f"{rule}.log").is_file() and (out / "benchmarks" / f"{rule}.tsv").is_file()
+
+    # ... then training, evaluation at every rate, and the report
+    (run_dir,) = (out / "runs").iterdir()
+    assert (run_dir / "best.pt").is_file() and json.loads((run_dir / "config.json").read_text())["model"] == "end-to-end"
+    (metrics_path,) = (out / "evaluate").glob("*.json")
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["n_test"] == 1 and sorted(metrics["rates"], key=float) == ["0.0", "0.5", "1.0"]
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    for section in ("## Data", "## Clips left out", "## Face crops", "## Robustness to missing features", "## Timings"):
+        assert section in report
+    assert "truncated/" in report
+    assert (out / "report" / "robustness.png").is_file() and (out / "report" / "faces_train.png").is_file()
 
     again = snakemake(run, config)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
@@ -135,11 +149,12 @@ def test_killed_mid_extraction_resumes_to_identical_shards(tmp_path):
     dataset = small_dataset(tmp_path / "data", 8)
     config = write_config(tmp_path / "small.yaml", dataset, chunks=1)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    assert snakemake(clean, config).returncode == 0
+    target = "results/small/shards/summary.json"  # this test is about extraction: stop at the shards
+    assert snakemake(clean, config, target).returncode == 0
 
     n_tars = lambda: len(list((killed / "results" / "small").glob("extract-*/clips/*.tar")))  # noqa: E731
     cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(killed),
-           "--configfile", str(config), "--cores", "2"]
+           "--configfile", str(config), "--cores", "2", target]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None and n_tars() < 2:
@@ -153,7 +168,7 @@ def test_killed_mid_extraction_resumes_to_identical_shards(tmp_path):
 
     # the documented resume: release the stale lock, then the same command with --rerun-incomplete
     assert snakemake(killed, config, "--unlock").returncode == 0
-    resumed = snakemake(killed, config, "--rerun-incomplete")
+    resumed = snakemake(killed, config, "--rerun-incomplete", target)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert shard_hashes(killed / "results" / "small" / "shards") == \
         shard_hashes(clean / "results" / "small" / "shards")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,47 @@ def test_exactly_one_data_source(sources):
 @pytest.mark.parametrize("name", ["demo", "custom", "mosi", "mosei", "sims", "mmsa_pickle"])
 def test_shipped_configs_are_valid(name):
     WorkflowConfig.model_validate(yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text()))
+
+
+@pytest.mark.slow
+def test_interrupted_end_to_end_training_resumes_to_the_same_result(tmp_path):
+    """Raw shards from real GRID clips; `msaflow train --model end-to-end` killed (SIGKILL) after
+    its first epoch's checkpoint, restarted with the same command: the same test metrics and
+    weights as a run never interrupted."""
+    import os
+    import signal
+    import time
+
+    from test_workflow import small_dataset, snakemake, write_config
+
+    dataset = small_dataset(tmp_path / "data", 4)
+    config = write_config(tmp_path / "small.yaml", dataset, chunks=1)
+    work = tmp_path / "work"
+    assert snakemake(work, config, "results/small/shards/summary.json").returncode == 0
+    shards = work / "results" / "small" / "shards"
+    cmd = [sys.executable, "-m", "msaflow.pipeline.cli", "train", "--data", str(shards), "--model", "end-to-end",
+           "--config", str(config), "--protocol", "single-model", "--seed", "1", "--epochs", "3",
+           "--batch-size", "2", "--grad-accum", "1", "--valid-rates", "0.0,0.5", "--freeze-text", "--threads", "1"]
+
+    whole = tmp_path / "whole"
+    subprocess.run([*cmd, "-o", str(whole)], check=True, capture_output=True)
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([*cmd, "-o", str(broken)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None and not (broken / "last.pt").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (broken / "metrics.json").exists()
+    resumed = subprocess.run([*cmd, "-o", str(broken)], check=True, capture_output=True, text=True)
+    assert "resuming" in resumed.stdout
+
+    import torch
+
+    a = torch.load(whole / "best.pt", map_location="cpu", weights_only=True)
+    b = torch.load(broken / "best.pt", map_location="cpu", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((whole / "metrics.json").read_text())["rates"] == json.loads((broken / "metrics.json").read_text())["rates"]
