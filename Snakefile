@@ -236,6 +236,7 @@ rule report:
         config=CONFIG_FILE,
         timings=f"{RUN}/benchmarks",
         title=f"msaflow run report: {CFG.run_name}",
+        label=EVAL_NAME,  # the curve's name in the report
     log:
         f"{RUN}/logs/report.log",
     benchmark:
@@ -245,5 +246,5 @@ rule report:
         runtime=10,
     threads: 1
     shell:
-        "msaflow report -o {params.out:q} {params.shards} --metrics {input.metrics:q}"
+        "msaflow report -o {params.out:q} {params.shards} --metrics {params.label}={input.metrics:q}"
         " --config {params.config:q} --timings {params.timings:q} --title {params.title:q} > {log:q} 2>&1"
