@@ -105,6 +105,14 @@ class CsvTable:
     rows: list[tuple[int, dict[str, str]]]  # (row number as a human counts it, values)
 
 
+def read_layout_csv(csv_path: Path, layout: str, columns, required, problems: Problems) -> "CsvTable | None":
+    """The CSV a layout is built on, or None with the problem recorded (missing or unreadable)."""
+    if not csv_path.is_file():
+        problems.add(csv_path, None, f"missing file: the {layout} layout needs this CSV")
+        return None
+    return read_csv_table(csv_path, columns, required, problems)
+
+
 def read_csv_table(path: Path, allowed: set[str], required: set[str], problems: Problems,
                    ) -> CsvTable | None:
     """Read a UTF-8 CSV strictly. Returns None (after reporting why) if the file is unusable.

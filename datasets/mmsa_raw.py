@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, check_name, peek_header,
-                                   read_csv_table, read_row_fields)
+                                   read_layout_csv, read_row_fields)
 
 if TYPE_CHECKING:
     from msaflow.pipeline.manifest import ManifestConfig
@@ -34,10 +34,7 @@ class MmsaRawAdapter:
 
     def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
         csv_path = self.csv_path(root, cfg)
-        if not csv_path.is_file():
-            problems.add(csv_path, None, f"missing file: the {self.name} layout needs this CSV")
-            return []
-        table = read_csv_table(csv_path, self.columns, self.required, problems)
+        table = read_layout_csv(csv_path, self.name, self.columns, self.required, problems)
         if table is None:
             return []
         videos = VideoIndex(cfg.video_extensions)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, check_name, parse_times,
-                                   peek_header, read_csv_table, read_row_fields, resolve_inside)
+                                   peek_header, read_layout_csv, read_row_fields, resolve_inside)
 
 if TYPE_CHECKING:
     from msaflow.pipeline.manifest import ManifestConfig
@@ -38,10 +38,7 @@ class SegmentsAdapter:
 
     def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
         csv_path = self.csv_path(root, cfg)
-        if not csv_path.is_file():
-            problems.add(csv_path, None, f"missing file: the {self.name} format needs this CSV")
-            return []
-        table = read_csv_table(csv_path, self.columns, self.required, problems)
+        table = read_layout_csv(csv_path, self.name, self.columns, self.required, problems)
         if table is None:
             return []
         videos = VideoIndex(cfg.video_extensions)
