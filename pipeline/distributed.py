@@ -207,3 +207,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, find_unused_parameters: bo
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (what checkpoints save), or the model itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch dict with its tensors on `device` (ids and other values unchanged)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

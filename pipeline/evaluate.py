@@ -27,6 +27,7 @@ from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, 
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
 from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, limit_splits
+from msaflow.pipeline.distributed import to_device
 from msaflow.pipeline.shard_splits import load_splits
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
@@ -65,7 +66,7 @@ def predict(model, split: Split, *, corruption: str = "missing", level: float = 
         if text_cache is not None:
             view = text_cache.attach(view, split.name, level if corruption == "missing" else 0.0)
         device = next(model.parameters()).device
-        out = model({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in view.items()})
+        out = model(to_device(view, device))
         preds.append(out["pred"].float().cpu().numpy())
         labels.append(batch["label"].numpy())
         if "expensive_share" in out:  # dynamic-routing models report their compute use

@@ -33,7 +33,7 @@ from msaflow.model.registry import available_models, build_model
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
 from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, limit_splits
 from msaflow.pipeline.shard_splits import load_splits
-from msaflow.pipeline.distributed import DistContext, barrier, cleanup, init_distributed, wrap_model
+from msaflow.pipeline.distributed import DistContext, barrier, cleanup, init_distributed, to_device, wrap_model
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
@@ -190,10 +190,6 @@ class LossStep(torch.nn.Module):
 
     def forward(self, complete: dict, incomplete: dict):
         return self.model.compute_loss(complete, incomplete)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def rank_rows(batch: dict, ctx: DistContext) -> dict:
