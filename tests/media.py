@@ -34,6 +34,20 @@ def make_truncated(src: str | Path, dst: str | Path, fraction: float = 0.2) -> P
     return dst
 
 
+def make_faststart(src: str | Path, dst: str | Path) -> Path:
+    """The same streams in an MP4 with its index (moov) before the data, as for web streaming."""
+    dst = _prepare(dst)
+    _ffmpeg("-i", str(src), "-c", "copy", "-movflags", "+faststart", str(dst))
+    return dst
+
+
+def make_remuxed(src: str | Path, dst: str | Path) -> Path:
+    """The same streams, copied into the container that dst's suffix names."""
+    dst = _prepare(dst)
+    _ffmpeg("-i", str(src), "-c", "copy", str(dst))
+    return dst
+
+
 def make_zero_bytes(dst: str | Path) -> Path:
     dst = _prepare(dst)
     dst.write_bytes(b"")

@@ -119,3 +119,29 @@ def test_fbank_grid_blocks_and_kaldi(grid):
     assert np.abs(ref[: present - 1] - feats[: present - 1]).max() < 1e-2  # same framing as Kaldi
     none, none_mask = audio.log_mel_fbank(None, 300, 40)
     assert none.shape == (300, 40) and not none.any() and not none_mask.any()
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.95])
+def test_a_file_cut_short_is_rejected_every_time(shared_data, tmp_path, fraction):
+    """MPEG-PS has no length field, MP4 with its index first and MKV do: each kind cut short is
+    rejected, and the verdict does not depend on decoder timing (repeated opens agree)."""
+    hdtf = shared_data / "raw/hdtf/hdtf_aoc.mp4"
+    mpg = media.make_truncated(shared_data / "raw/grid/sbia1a.mpg", tmp_path / "cut.mpg", fraction)
+    mp4 = media.make_truncated(media.make_faststart(hdtf, tmp_path / "faststart.mp4"), tmp_path / "cut.mp4", fraction)
+    mkv = media.make_truncated(media.make_remuxed(hdtf, tmp_path / "whole.mkv"), tmp_path / "cut.mkv", fraction)
+    for path in (mpg, mp4, mkv):
+        for _ in range(3):
+            with pytest.raises(DecodeError) as err:
+                video.open_video(path)
+            assert (err.value.stage, "truncated or damaged" in err.value.reason) == ("decode_video", True) \
+                or (err.value.stage, "cannot read the container" in err.value.reason) == ("open", True), err.value
+
+
+@pytest.mark.parametrize("clip", ["raw/grid/sbia1a.mpg", "raw/hdtf/hdtf_aoc.mp4", "raw/hamilton/short_hamilton_clip.mp4"])
+def test_intact_files_pass_the_truncation_check(shared_data, tmp_path, clip):
+    _, info = video.open_video(shared_data / clip)
+    assert info.n_source_frames > 0
+    _, info = video.open_video(media.make_faststart(shared_data / clip, tmp_path / "faststart.mp4"))
+    assert info.n_source_frames > 0
+    _, info = video.open_video(media.make_remuxed(shared_data / clip, tmp_path / "whole.mkv"))
+    assert info.n_source_frames > 0
