@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -132,12 +133,16 @@ class IsolatedExtractor:
     def _worker_processes(self) -> list:
         return list(getattr(self._pool, "_processes", {}).values()) if self._pool else []
 
-    def _discard(self, kill: bool) -> str:
-        procs = self._worker_processes()
+    def _discard(self, kill: bool, procs: list) -> str:
         for proc in procs:
             if kill and proc.is_alive():
                 proc.kill()
             proc.join(timeout=10)
+            # the pool's own thread reaps the dead worker too; whichever of the two waits second
+            # sees no exit code until the first has stored it
+            deadline = time.monotonic() + 5
+            while proc.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.05)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
         self.restarts += 1
@@ -146,13 +151,16 @@ class IsolatedExtractor:
     def extract(self, job, out_dir: Path) -> dict:
         """The worker's result dict: {"ok": True, counts, seconds} or {"ok": False, stage, reason}."""
         future = self._start().submit(_extract_in_worker, asdict(job), str(out_dir))
+        # the pool forgets a dead worker's process object when it notices the crash: hold on to
+        # it now, to report how it ended
+        procs = self._worker_processes()
         try:
             return future.result(timeout=self._timeout)
         except BrokenProcessPool:
-            how = self._discard(kill=False)
+            how = self._discard(kill=False, procs=procs)
             return {"ok": False, "stage": "worker", "reason": f"decoder crashed ({how}); worker restarted"}
         except FutureTimeout:
-            self._discard(kill=True)
+            self._discard(kill=True, procs=procs)
             return {"ok": False, "stage": "timeout",
                     "reason": f"no result after {self._timeout:g} s; worker killed and restarted"}
 
