@@ -88,9 +88,11 @@ class ClipExtractor:
         scratch = out_dir / "tmp" / job.key
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
+        tail_check = None
         try:
             with timer("decode"):
                 reader, info = video.open_video(job.path)
+                tail_check = video.TailCheck(job.path, info) if info is not None else None  # runs meanwhile
                 start0 = job.start or 0.0
                 end0 = job.end if job.end is not None else (info.duration_s if info is not None else None)
                 wav = audio.decode_audio(job.path, info.begin_s if info is not None else None, start0, end0)
@@ -126,11 +128,16 @@ class ClipExtractor:
                     from msaflow.extractors.frontends import raw_to_features
 
                     members = raw_to_features(members, self.frontends)
+            if tail_check is not None:
+                with timer("verify"):
+                    tail_check.result()
             with timer("write"):
                 from msaflow.pipeline.tario import write_sample_tar
 
                 write_sample_tar(out_dir / "clips" / f"{job.key}.tar", job.key, members)
         finally:
+            if tail_check is not None:
+                tail_check.cancel()  # a no-op once its result was read
             shutil.rmtree(scratch, ignore_errors=True)
         return {"key": job.key, "n_frames": n_frames, "n_face_frames": meta["n_face_frames"],
                 "has_audio": meta["has_audio"], "has_text": meta["has_text"],
@@ -147,31 +154,37 @@ class ClipExtractor:
             del crops
             return face_path, np.zeros(n_frames, bool)
         indices = video.source_indices(info, start, n_frames, cfg.fps)
-        detect_at = face.detection_frames(n_frames, cfg.detect_every)
-        detect_at = detect_at[indices[detect_at] >= 0]
+        pictured = np.flatnonzero(indices >= 0)
         whole = None  # (positions, frames) when the clip fits in one chunk: decode once
-        if np.count_nonzero(indices >= 0) <= cfg.chunk_frames:
+        if len(pictured) <= cfg.chunk_frames:
             with timer("decode"):
                 whole = next(video.iter_frame_chunks(reader, indices, cfg.chunk_frames), None)
-        found: list[face.FrameFaces] = []
-        if whole is not None:
-            rows = np.searchsorted(whole[0], detect_at)
-            with timer("detect"):
-                found = self.detector.detect(whole[1][rows], detect_at)
-        else:
+
+        def detect(positions: np.ndarray) -> list[face.FrameFaces]:
+            if whole is not None:
+                with timer("detect"):
+                    return self.detector.detect(whole[1][np.searchsorted(whole[0], positions)], positions)
             sparse = np.full(n_frames, -1, np.int64)
-            sparse[detect_at] = indices[detect_at]
-            chunks = video.iter_frame_chunks(reader, sparse, cfg.chunk_frames)
+            sparse[positions] = indices[positions]
+            chunks, found = video.iter_frame_chunks(reader, sparse, cfg.chunk_frames), []
             while True:
                 with timer("decode"):
                     item = next(chunks, None)
                 if item is None:
-                    break
+                    return found
                 with timer("detect"):
                     found += self.detector.detect(item[1], item[0])
+
+        keyframes = face.detection_frames(n_frames, cfg.detect_every)
+        found = detect(keyframes[indices[keyframes] >= 0])
+        while cfg.refine_iou > 0:  # rule step 0 (extractors/face.py)
+            halfway = face.frames_to_refine(found, pictured, cfg.refine_iou)
+            if len(halfway) == 0:
+                break
+            found = sorted(found + detect(halfway), key=lambda faces: faces.frame)
         with timer("detect"):
             max_gap = max(cfg.detect_every, int(round(cfg.fill_gap_s * cfg.fps)))
-            track = face.choose_track(face.link_tracks(found, cfg.track_iou, max_gap), len(detect_at))
+            track = face.choose_track(face.link_tracks(found, cfg.track_iou, max_gap), len(found))
             boxes, marks, present = face.fill_track(track, n_frames, max_gap)
             present &= indices >= 0
         if whole is not None:

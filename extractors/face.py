@@ -1,9 +1,15 @@
 """Faces: batched MTCNN detection, one face track per clip, eye-aligned square crops.
 
 Detection runs on frames downscaled by `detect_scale` (boxes and landmarks are mapped
-back to full resolution), on every `detect_every`-th output frame plus the last one.
+back to full resolution), first on every `detect_every`-th output frame plus the last one
+(the keyframes).
 
 Track rule (the main speaker), over the detection frames in time order:
+0. where two consecutive detection frames disagree (a different number of faces, or a face
+   whose best match overlaps it less than `refine_iou`), also detect on the frame halfway,
+   and again between the new neighbours, until neighbours agree or are adjacent. A steady
+   talking head costs one detection per keyframe; motion, cuts and faces coming or going
+   get dense detection where they happen;
 1. keep detections with probability >= `min_prob` and both box sides >= `min_size` pixels;
 2. link each detection to the track whose last box overlaps it most (Hungarian matching
    on IoU, IoU >= `iou_min`, track last seen at most `max_gap` frames earlier); an
@@ -16,7 +22,7 @@ Track rule (the main speaker), over the detection frames in time order:
 
 Crop: a square of side max(w, h) x (1 + margin) centered on the box, rotated so the two
 eyes (MTCNN landmarks) are level, resampled bilinearly to `size` x `size` RGB uint8;
-pixels outside the frame are black.
+pixels outside the frame are black (OpenCV on CPU, grid_sample on a GPU: the same map).
 """
 
 from __future__ import annotations
@@ -58,6 +64,31 @@ class Track:
         return area * float(np.mean(self.probs)) * len(self.frames) / max(1, n_detection_frames)
 
 
+def faces_agree(a: FrameFaces, b: FrameFaces, iou_min: float) -> bool:
+    """Same number of faces, each matched (Hungarian on IoU) to one overlapping it >= `iou_min`."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(a.boxes) != len(b.boxes):
+        return False
+    if len(a.boxes) == 0:
+        return True
+    iou = iou_matrix(a.boxes, b.boxes)
+    rows, cols = linear_sum_assignment(-iou)
+    return bool(np.all(iou[rows, cols] >= iou_min))
+
+
+def frames_to_refine(found: list[FrameFaces], pictured: np.ndarray, iou_min: float) -> np.ndarray:
+    """Frames halfway between consecutive detection frames whose faces disagree (rule step 0),
+    chosen among `pictured` (output frames that show a picture); empty when all agree."""
+    halfway = []
+    for a, b in zip(found, found[1:]):
+        if b.frame - a.frame > 1 and not faces_agree(a, b, iou_min):
+            inside = pictured[(pictured > a.frame) & (pictured < b.frame)]
+            if len(inside):
+                halfway.append(inside[np.argmin(np.abs(inside - (a.frame + b.frame) / 2))])
+    return np.asarray(halfway, np.int64)
+
+
 def detection_frames(n_frames: int, every: int) -> np.ndarray:
     """Output frames to run the detector on: every `every`-th frame, and always the last."""
     if n_frames == 0:
@@ -79,6 +110,9 @@ class FaceDetector:
         self.batch_size = batch_size  # float copies of frames are made per batch: bounds memory
         self.mtcnn = MTCNN(keep_all=True, device=self.device, thresholds=list(thresholds),
                            min_face_size=max(12, int(round(min_size * scale))))
+        # NHWC weights make every conv/pool of the three nets run channels-last: same boxes,
+        # 1.4-1.7x faster detection on CPU (vectorized pooling)
+        self.mtcnn.to(memory_format=torch.channels_last)
 
     def detect(self, frames: np.ndarray, frame_ids: np.ndarray) -> list[FrameFaces]:
         """Faces in RGB uint8 frames (k, H, W, 3) of one clip, `batch_size` frames per MTCNN call."""
@@ -176,35 +210,64 @@ def fill_track(track: Track | None, n_frames: int, max_gap: int) -> tuple[np.nda
 def crop_faces(frames: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray, size: int = 112,
                margin: float = 0.25, align: bool = True, device: str = "cpu",
                batch_size: int = 32) -> np.ndarray:
-    """Aligned square crops (k, size, size, 3) uint8 of frames (k, H, W, 3), one box each."""
-    parts = [_crop_batch(frames[lo:lo + batch_size], boxes[lo:lo + batch_size],
-                         landmarks[lo:lo + batch_size], size, margin, align, device)
+    """Aligned square crops (k, size, size, 3) uint8 of frames (k, H, W, 3), one box each.
+
+    The same affine map either way: on CPU OpenCV resamples each crop straight from the
+    uint8 frame (no float copy of whole frames, ~0.07 ms a crop); on a GPU one batched
+    grid_sample does.
+    """
+    affine = crop_affines(boxes, landmarks, size, margin, align)
+    if torch.device(device).type == "cpu":
+        return _crop_cv2(frames, affine, size)
+    parts = [_crop_grid_sample(frames[lo:lo + batch_size], affine[lo:lo + batch_size], size, device)
              for lo in range(0, len(frames), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8)
 
 
-@torch.no_grad()
-def _crop_batch(frames, boxes, landmarks, size, margin, align, device) -> np.ndarray:
-    k, height, width = frames.shape[:3]
-    if k == 0:
-        return np.zeros((0, size, size, 3), np.uint8)
+def crop_affines(boxes: np.ndarray, landmarks: np.ndarray, size: int, margin: float, align: bool) -> np.ndarray:
+    """(k, 2, 3) maps from output pixel coordinates to frame pixel coordinates (both with pixel
+    centres at i + 0.5): a square of side max(w, h) x (1 + margin) around the box centre,
+    turned by the eye-line angle."""
     cx = (boxes[:, 0] + boxes[:, 2]) / 2
     cy = (boxes[:, 1] + boxes[:, 3]) / 2
     side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) * (1 + margin)
     if align:
-        eye_dx = landmarks[:, 1, 0] - landmarks[:, 0, 0]
-        eye_dy = landmarks[:, 1, 1] - landmarks[:, 0, 1]
-        angle = np.arctan2(eye_dy, eye_dx)
+        angle = np.arctan2(landmarks[:, 1, 1] - landmarks[:, 0, 1], landmarks[:, 1, 0] - landmarks[:, 0, 0])
     else:
-        angle = np.zeros(k)
-    cos, sin = np.cos(angle), np.sin(angle)
-    # output (u, v) in [-1, 1]^2 -> input pixel center + R(angle) (u, v) side / 2, normalized
-    theta = np.stack([
-        np.stack([cos * side / width, -sin * side / width, 2 * cx / width - 1], axis=1),
-        np.stack([sin * side / height, cos * side / height, 2 * cy / height - 1], axis=1),
+        angle = np.zeros(len(boxes))
+    cos, sin, step = np.cos(angle), np.sin(angle), side / size
+    # frame point = centre + R(angle) (p - size/2) * step, for output point p
+    return np.stack([
+        np.stack([cos * step, -sin * step, cx - (cos - sin) * side / 2], axis=1),
+        np.stack([sin * step, cos * step, cy - (sin + cos) * side / 2], axis=1),
     ], axis=1)
-    theta_t = torch.as_tensor(theta, dtype=torch.float32, device=device)
-    grid = F.affine_grid(theta_t, [k, 3, size, size], align_corners=False)
+
+
+def _crop_cv2(frames: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    # OpenCV puts pixel centres at integers: shift the map by half a pixel on both sides
+    shifted = affine.copy()
+    shifted[:, :, 2] += 0.5 * (affine[:, :, 0] + affine[:, :, 1]) - 0.5
+    out = np.empty((len(frames), size, size, 3), np.uint8)
+    for i, (frame, m) in enumerate(zip(frames, shifted)):
+        cv2.warpAffine(frame, m, (size, size), dst=out[i], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out
+
+
+@torch.no_grad()
+def _crop_grid_sample(frames: np.ndarray, affine: np.ndarray, size: int, device) -> np.ndarray:
+    k, height, width = frames.shape[:3]
+    if k == 0:
+        return np.zeros((0, size, size, 3), np.uint8)
+    # pixel maps -> grid_sample's normalized [-1, 1] coordinates (align_corners=False)
+    to_norm = np.array([[2 / width, 0, -1], [0, 2 / height, -1], [0, 0, 1]])
+    from_norm = np.array([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]])
+    full = np.concatenate([affine, np.tile([[[0, 0, 1]]], (k, 1, 1))], axis=1)
+    theta = (to_norm @ full @ from_norm)[:, :2]
+    grid = F.affine_grid(torch.as_tensor(theta, dtype=torch.float32, device=device), [k, 3, size, size],
+                         align_corners=False)
     images = torch.from_numpy(np.require(frames, requirements="W")).to(device).permute(0, 3, 1, 2).float()
     crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return crops.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -14,10 +14,10 @@ video (before its first or after its last frame) have no picture.
 
 from __future__ import annotations
 
-import functools
 import re
 import shutil
 import subprocess
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +74,9 @@ def _first_line(exc: BaseException) -> str:
 TAIL_CHECK_S = 2.0  # decode this much of the stream's end to catch a file cut short
 
 
-def check_intact(path: Path, begin_s: float, duration_s: float) -> None:
-    """Raise DecodeError when the file is cut short or its end is damaged.
+class TailCheck:
+    """Is the file cut short or its end damaged? ffprobe's verdict, computed in a child process
+    while the caller goes on decoding; `result()` waits for it and raises DecodeError.
 
     decord alone cannot decide this reproducibly: at a damaged end its threaded decoder
     sometimes substitutes neighbouring frames and sometimes fails, depending on timing. So
@@ -84,26 +85,52 @@ def check_intact(path: Path, begin_s: float, duration_s: float) -> None:
     as its last packets are incomplete); any demuxer or decoder error rejects the file.
     ffprobe has no muxer, so only input errors count.
     """
-    stat = path.stat()
-    _check_tail(str(path), stat.st_size, stat.st_mtime_ns, begin_s, duration_s)
+
+    _verdicts: OrderedDict[tuple, str | None] = OrderedDict()  # clips cut from one file share it
+
+    def __init__(self, path: str | Path, info: VideoInfo):
+        stat = Path(path).stat()
+        self.key = (str(path), stat.st_size, stat.st_mtime_ns, info.begin_s, info.duration_s)
+        self.process = None
+        if self.key in self._verdicts:
+            return
+        ffprobe = shutil.which("ffprobe")
+        if ffprobe is None:
+            raise DecodeError("open", "ffprobe not found on PATH (msaflow needs ffmpeg's tools to check "
+                                      "files; scripts/setup.sh installs them)")
+        tail_from = info.begin_s + max(0.0, info.duration_s - TAIL_CHECK_S)
+        cmd = [ffprobe, "-v", "error", "-select_streams", "v:0", "-read_intervals", f"{tail_from:.3f}%",
+               "-show_entries", "frame=pts", "-of", "csv=p=0", str(path)]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True, errors="replace")
+
+    def result(self) -> None:
+        if self.process is not None:
+            _, stderr = self.process.communicate()
+            # ffmpeg tags lines with the decoder's memory address ("[mpeg4 @ 0x55d6...]"): drop
+            # it so that the reason recorded for a file is the same on every run
+            errors = [re.sub(r" @ 0x[0-9a-f]+\]", "]", line.strip()) for line in stderr.splitlines() if line.strip()]
+            verdict = None
+            if self.process.returncode != 0 or errors:
+                first = errors[0][:300] if errors else f"ffprobe exit code {self.process.returncode}"
+                verdict = f"truncated or damaged file (ffprobe at the end: {first})"
+            self._verdicts[self.key] = verdict
+            while len(self._verdicts) > 64:
+                self._verdicts.popitem(last=False)
+            self.process = None
+        if self._verdicts[self.key] is not None:
+            raise DecodeError("decode_video", self._verdicts[self.key])
+
+    def cancel(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.communicate()
+            self.process = None
 
 
-@functools.lru_cache(maxsize=64)  # clips cut from one long video share its check
-def _check_tail(path: str, size: int, mtime_ns: int, begin_s: float, duration_s: float) -> None:
-    ffprobe = shutil.which("ffprobe")
-    if ffprobe is None:
-        raise DecodeError("open", "ffprobe not found on PATH (msaflow needs ffmpeg's tools to check "
-                                  "files; scripts/setup.sh installs them)")
-    tail_from = begin_s + max(0.0, duration_s - TAIL_CHECK_S)
-    cmd = [ffprobe, "-v", "error", "-select_streams", "v:0", "-read_intervals", f"{tail_from:.3f}%",
-           "-show_entries", "frame=pts", "-of", "csv=p=0", path]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
-    # ffmpeg tags lines with the decoder's memory address ("[mpeg4 @ 0x55d6...]"): drop it so
-    # that the reason recorded for a file is the same on every run
-    errors = [re.sub(r" @ 0x[0-9a-f]+\]", "]", line.strip()) for line in result.stderr.splitlines() if line.strip()]
-    if result.returncode != 0 or errors:
-        first = errors[0][:300] if errors else f"ffprobe exit code {result.returncode}"
-        raise DecodeError("decode_video", f"truncated or damaged file (ffprobe at the end: {first})")
+def check_intact(path: str | Path, info: VideoInfo) -> None:
+    """Raise DecodeError when the file is cut short or its end is damaged (see TailCheck)."""
+    TailCheck(path, info).result()
 
 
 def open_video(path: str | Path):
@@ -134,7 +161,6 @@ def open_video(path: str | Path):
     if n == 0:
         raise DecodeError("decode_video", "video stream has no frames")
     stamps = np.asarray(stamps, dtype=np.float64)
-    check_intact(path, begin, float(stamps[-1, 1]))
     info = VideoInfo(width=int(width), height=int(height), n_source_frames=n, begin_s=begin,
                      frame_starts=stamps[:, 0], frame_ends=stamps[:, 1])
     return reader, info

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ExtractConfig(BaseModel):
@@ -37,7 +37,9 @@ class ExtractConfig(BaseModel):
     face_margin: float = Field(0.25, ge=0, description="crop side = max(box w, h) x (1 + margin)")
     align_faces: bool = Field(True, description="rotate crops so the eyes are level")
     detect_scale: float = Field(0.5, gt=0, le=1, description="frames are downscaled by this for MTCNN")
-    detect_every: int = Field(5, ge=1, description="run MTCNN on every n-th output frame (+ the last)")
+    detect_every: int = Field(25, ge=1, description="keyframes: run MTCNN on every n-th output frame (+ the last)")
+    refine_iou: float = Field(0.6, ge=0, le=1, description="between keyframes whose faces differ (count, or IoU "
+                              "below this) also detect halfway, recursively; 0 = never")
     detect_batch: int = Field(32, ge=1, description="frames per MTCNN call")
     min_face_size: int = Field(20, ge=1, description="smallest face side kept, full-resolution pixels")
     min_face_prob: float = Field(0.9, ge=0, le=1)
@@ -48,14 +50,6 @@ class ExtractConfig(BaseModel):
     text_model: str = Field("minilm", description="tokenizer: 'minilm' or a local HF model folder")
     text_max_len: int = Field(50, ge=2)
     clip_timeout_s: float | None = Field(1800.0, gt=0, description="kill a worker stuck on one clip")
-
-    @model_validator(mode="after")
-    def _interpolation_covers_stride(self):
-        if self.fill_gap_s * self.fps < self.detect_every:
-            raise ValueError(f"fill_gap_s ({self.fill_gap_s} s = {self.fill_gap_s * self.fps:g} frames) must "
-                             f"cover detect_every ({self.detect_every} frames), or frames between "
-                             f"detections would never get a face")
-        return self
 
 
 def load_config(path: str | Path | None) -> ExtractConfig:

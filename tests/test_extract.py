@@ -267,8 +267,6 @@ def test_config_yaml_forms(tmp_path):
     typo.write_text("fsp: 10\n", encoding="utf-8")
     with pytest.raises(ValueError, match="fsp"):
         load_config(typo)
-    with pytest.raises(ValueError, match="detect_every"):
-        ExtractConfig(fps=5, detect_every=10, fill_gap_s=0.5)
 
 
 def test_parse_chunk():

@@ -134,3 +134,69 @@ def test_detection_frames_include_the_last():
     assert face.detection_frames(11, 5).tolist() == [0, 5, 10]
     assert face.detection_frames(12, 5).tolist() == [0, 5, 10, 11]
     assert face.detection_frames(0, 5).tolist() == []
+
+
+def test_refinement_detects_halfway_only_where_faces_disagree():
+    steady = [_faces(0, [_box(10, 10)]), _faces(25, [_box(12, 11)]), _faces(50, [_box(14, 10)])]
+    assert face.frames_to_refine(steady, np.arange(51), iou_min=0.6).size == 0
+    moved = [_faces(0, [_box(10, 10)]), _faces(25, [_box(40, 10)])]  # IoU 0.25
+    assert face.frames_to_refine(moved, np.arange(26), 0.6).tolist() == [12]
+    gone = [_faces(0, [_box(10, 10)]), _faces(24, []), _faces(25, [])]
+    assert face.frames_to_refine(gone, np.arange(26), 0.6).tolist() == [12]  # adjacent pair: nothing
+    assert face.frames_to_refine(gone, np.array([0, 3, 24, 25]), 0.6).tolist() == [3]  # pictured only
+    two = [_faces(0, [_box(10, 10), _box(200, 10)]), _faces(10, [_box(201, 10), _box(11, 10)])]
+    assert face.frames_to_refine(two, np.arange(11), 0.6).size == 0  # matched regardless of order
+
+
+def _blacked_out_after(src, dst, t: float):
+    import subprocess
+
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-i", str(src), "-vf",
+                    f"drawbox=enable='gte(t,{t})':color=black:t=fill", "-c:v", "libx264", "-preset", "ultrafast",
+                    "-c:a", "copy", str(dst)], check=True)
+    return dst
+
+
+def test_steady_clip_costs_keyframes_only_and_a_cut_is_found_to_the_frame(shared_data, tmp_path):
+    """A steady GRID talking head: MTCNN runs on the 4 keyframes only. The same clip blacked
+    out from 1.3 s: detection narrows down on the cut, so the face ends at frame 32 exactly
+    (keyframes alone would stop at frame 25)."""
+    from msaflow.extractors.clip import ClipExtractor
+    from msaflow.pipeline.extract import ExtractConfig
+
+    def run(path, **cfg):
+        extractor = ClipExtractor(ExtractConfig(fps=25.0, detect_every=25, **cfg), device="cpu")
+        seen = []
+        detect = extractor.detector.detect
+        extractor.detector.detect = lambda frames, ids: seen.extend(ids.tolist()) or detect(frames, ids)
+        reader, info = video.open_video(path)
+        n = video.n_output_frames(info.duration_s, 25.0)
+        _, present = extractor._faces(reader, info, 0.0, n, _scratch(), _NullTimer())
+        return sorted(seen), present
+
+    grid = shared_data / "raw/grid/bbaf2n.mpg"
+    seen, present = run(grid)
+    assert seen == [0, 25, 50, 74] and present.all()
+    cut = _blacked_out_after(grid, tmp_path / "cut.mp4", 1.3)  # frame 32 starts at 1.28 s
+    seen, present = run(cut)
+    assert present[:33].all() and not present[33:].any(), np.flatnonzero(present)
+    assert len(seen) <= 4 + 6  # log2(25) halvings between keyframes 25 and 50
+    _, keyframes_only = run(cut, refine_iou=0.0)
+    assert keyframes_only[:26].all() and not keyframes_only[26:].any()
+
+
+def test_cpu_and_gpu_crop_paths_agree(shared_data):
+    """OpenCV (CPU) and grid_sample (GPU path, run here on CPU) cut the same crops, frame
+    borders included."""
+    reader, _ = video.open_video(shared_data / "raw/hdtf/hdtf_aoc.mp4")
+    frames = reader.get_batch(list(range(0, 40, 2))).asnumpy()
+    found = face.FaceDetector(scale=0.5).detect(frames[:1], np.array([0]))[0]
+    rng = np.random.default_rng(0)
+    boxes = found.boxes[:1] + rng.normal(0, 20, (20, 4))
+    boxes[::3] -= 250  # partly outside the frame
+    marks = found.landmarks[:1] + rng.normal(0, 5, (20, 5, 2))
+    affine = face.crop_affines(boxes, marks, 96, 0.25, True)
+    cpu = face.crop_faces(frames, boxes, marks, 96, 0.25, True, device="cpu")
+    gpu_path = face._crop_grid_sample(frames, affine, 96, "cpu")
+    assert cpu.shape == (20, 96, 96, 3) and np.abs(cpu.astype(int) - gpu_path.astype(int)).max() <= 1
+    assert (cpu[::3] == 0).any(), "the boxes off the frame leave black borders"
