@@ -30,7 +30,8 @@ class ExtractConfig(BaseModel):
     frontends: str = Field("face=fer,audio=crepe-tiny,text=minilm",
                            description="features mode: modality=front-end pairs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="torch threads in the worker; 0 = torch's default")
+    threads: int = Field(1, ge=0, description="torch threads in the worker (0 = torch's default); scale out "
+                         "with parallel jobs instead: MTCNN's small convolutions gain little from threads")
     fps: float = Field(25.0, gt=0, description="output frame rate")
     n_mels: int = Field(80, ge=1)
     face_size: int = Field(112, ge=16, description="side of the square face crop, pixels")
@@ -41,7 +42,7 @@ class ExtractConfig(BaseModel):
     refine_iou: float = Field(0.6, ge=0, le=1, description="between keyframes whose faces differ (count, or IoU "
                               "below this) also detect halfway, recursively; 0 = never")
     detect_batch: int = Field(32, ge=1, description="frames per MTCNN call")
-    min_face_size: int = Field(20, ge=1, description="smallest face side kept, full-resolution pixels")
+    min_face_size: int = Field(40, ge=1, description="smallest face side kept, full-resolution pixels")
     min_face_prob: float = Field(0.9, ge=0, le=1)
     mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     track_iou: float = Field(0.3, gt=0, le=1, description="min IoU to link a box to a track")

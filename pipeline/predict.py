@@ -165,6 +165,8 @@ def check_video(path: Path) -> None:
 
 def extract_members(video: Path, text: str, start: float | None, end: float | None, cfg, device: str) -> dict:
     """The clip's members (raw or features mode, as `cfg.mode` says), via the extractor of `msaflow extract`."""
+    import torch
+
     from msaflow.extractors.clip import ClipExtractor, ClipJob
     from msaflow.extractors.video import DecodeError
     from msaflow.pipeline.tario import read_sample_tar
@@ -176,11 +178,18 @@ def extract_members(video: Path, text: str, start: float | None, end: float | No
         frontends = fe.build(fe.parse_spec(cfg.frontends), device)
     job = ClipJob(row=1, id=video.stem, key="clip", video_id=video.stem, clip_id=video.stem, path=str(video),
                   start=start, end=end, text=text, label=None, split="test")
+    # the torch threads of the training extraction: float sums depend on how work is split,
+    # and a box a hair off moves a crop by a grey level
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory(prefix="msaflow-predict-") as tmp:
         try:
             ClipExtractor(cfg, device=device, frontends=frontends).extract(job, Path(tmp))
         except DecodeError as exc:
             raise UnusableInput(f"{video}: cannot be used ({exc.stage}): {exc.reason}") from exc
+        finally:
+            torch.set_num_threads(threads)
         return read_sample_tar(Path(tmp) / "clips" / "clip.tar")[1]
 
 

@@ -46,7 +46,7 @@ def test_stage_clip_keeps_one_track_the_main_speaker(shared_data):
     consecutive = face.iou_matrix(boxes[:-1], boxes[1:]).diagonal()
     assert consecutive.min() >= 0.3, "one consistent face over time"
 
-    cfg = ExtractConfig(fps=fps, detect_every=1, detect_scale=0.5)
+    cfg = ExtractConfig(fps=fps, detect_every=1, detect_scale=0.5, min_face_size=20)
     extractor = ClipExtractor(cfg, device="cpu")
     _, present = extractor._faces(reader, info, start, n, _scratch(), _NullTimer())
     expected = face.fill_track(chosen, n, max(1, round(cfg.fill_gap_s * fps)))[2]
