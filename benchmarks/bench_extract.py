@@ -4,13 +4,18 @@ Speed (default): on the GRID clips, side by side in one process with the same to
 threads, (1) decode only: frames at the output rate + 16 kHz audio, the floor; (2) a naive
 per-frame loop as MESM-style scripts do it: every frame decoded one by one, MTCNN on the
 full-resolution frame, the crop cut from it; (3) msaflow's `ClipExtractor` at the given
-settings. All three compute the same fbank and write the same kind of tar, so the
+settings (the truncation check included: it runs beside decoding, in its own process). All three compute the same fbank and write the same kind of tar, so the
 difference is the vision path. Prints clips/s, seconds per stage and ratios.
+
+Quality (--quality): per clip, IoU of each variant's face boxes with those of detecting
+every frame, so a cheaper setting shows what it costs in crop placement.
 
 Memory (--memory): peak RSS of one `msaflow extract` job (CLI and its worker process) on a
 1-minute and a 10-minute clip made by concatenating the GRID clips with ffmpeg.
 
-    .venv/bin/python benchmarks/bench_extract.py [--data ../shared/data] [--memory]
+    .venv/bin/python benchmarks/bench_extract.py [--data ../shared/data] [--variants '' min_face_size=20 ...]
+    .venv/bin/python benchmarks/bench_extract.py --quality [--variants ...]
+    .venv/bin/python benchmarks/bench_extract.py --memory [--work DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +44,7 @@ from msaflow.extractors.text import tokenize  # noqa: E402
 from msaflow.pipeline.extract import ExtractConfig  # noqa: E402
 from msaflow.pipeline.tario import write_sample_tar  # noqa: E402
 
-STAGES = ("decode", "detect", "crop", "fbank", "write")
+STAGES = ("decode", "verify", "detect", "crop", "fbank", "write")
 
 
 def _jobs(clips: list[Path]) -> list[ClipJob]:
@@ -77,7 +83,7 @@ class NaiveLoop:
         from facenet_pytorch import MTCNN
 
         self.cfg = cfg
-        self.mtcnn = MTCNN(keep_all=False, device="cpu", min_face_size=cfg.min_face_size)
+        self.mtcnn = MTCNN(keep_all=False, device="cpu")  # facenet-pytorch's defaults, as such scripts use it
 
     def __call__(self, job: ClipJob, out: Path) -> dict:
         from facenet_pytorch.models.utils.detect_face import extract_face
@@ -112,10 +118,9 @@ def speed(args) -> None:
     torch.set_num_threads(args.threads)
     base = ExtractConfig(device="cpu")
     variants = {"decode only (floor)": None, "naive per-frame MTCNN": "naive"}
-    for scale, every in args.settings:
-        variants[f"msaflow scale={scale:g} every={every}"] = base.model_copy(
-            update={"detect_scale": scale, "detect_every": every,
-                    "fill_gap_s": max(base.fill_gap_s, every / base.fps)})
+    for overrides in args.variants:
+        name = "msaflow " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or "(defaults)")
+        variants[name] = ExtractConfig.model_validate(base.model_dump() | overrides)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         naive = NaiveLoop(base)
@@ -127,6 +132,7 @@ def speed(args) -> None:
             for job in jobs:
                 for name in variants:  # interleaved per clip, so load changes hit every variant alike
                     out = Path(tmp) / f"{rep}-{list(variants).index(name)}"
+                    video.TailCheck._verdicts.clear()  # every variant checks the file anew
                     totals = results.setdefault(name, defaultdict(float))
                     t0 = time.perf_counter()
                     for stage, s in _run_one(name, variants[name], job, naive, extractors, base, out).items():
@@ -167,11 +173,8 @@ def memory(args) -> None:
     clips = sorted((args.data / "raw" / "grid").glob("*.mpg"))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-extract-mem-"))
     work.mkdir(parents=True, exist_ok=True)
-    config = work / "extract.yaml"
-    every = args.memory_detect_every
-    config.write_text(f"detect_every: {every}\nfill_gap_s: {max(0.5, every / 25):g}\n", encoding="utf-8")
     print(f"\npeak RSS of one `msaflow extract` job (largest process: the CLI or its worker), "
-          f"default config but detect_every={every}, {time.strftime('%Y-%m-%d')}\n")
+          f"default config, {time.strftime('%Y-%m-%d')}\n")
     print("| clip | duration s | frames | wall s | peak RSS MB |")
     print("|---|---:|---:|---:|---:|")
     for minutes, repeat in ((1, 2), (10, 18)):
@@ -182,13 +185,14 @@ def memory(args) -> None:
         manifest = work / f"{minutes}min.csv"
         manifest.write_text("id,video_id,clip_id,path,start,end,text,label,split\n"
                             f"long/{minutes}min,long,{minutes}min,{src},,,,0,train\n", encoding="utf-8")
-        out = work / f"out{minutes}-every{every}"
+        out = work / f"out{minutes}"
+        shutil.rmtree(out, ignore_errors=True)
         probe = ("import resource, subprocess, sys; "
                  "r = subprocess.run(sys.argv[1:]); "
                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "msaflow.pipeline.cli",
-                              "extract", str(manifest), "-o", str(out), "--device", "cpu", "--config", str(config)],
+                              "extract", str(manifest), "-o", str(out), "--device", "cpu"],
                              capture_output=True, text=True, cwd=REPO)
         wall = time.perf_counter() - t0
         if res.returncode != 0:
@@ -198,22 +202,58 @@ def memory(args) -> None:
         print(f"| {minutes} min (GRID x {repeat * len(clips)}) | {info.duration_s:.1f} | {n} | {wall:.1f} | {peak_mb:.0f} |")
 
 
+def quality(args) -> None:
+    """How far the keyframe track strays from detecting every frame: per clip, IoU of each
+    variant's box with the dense track's box, over frames where both have a face."""
+    clips = [args.data / "raw" / "hdtf" / n for n in ("hdtf_aoc.mp4", "hdtf_katiehill.mp4")]
+    clips += sorted((args.data / "raw" / "grid").glob("*.mpg"))[: args.clips or None]
+    torch.set_num_threads(args.threads)
+    base = ExtractConfig(device="cpu", chunk_frames=100_000)  # whole clips in memory: no chunking here
+    variants = {"dense": base.model_copy(update={"detect_every": 1, "refine_iou": 0.0})}
+    for overrides in args.variants:
+        name = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+        variants[name] = ExtractConfig.model_validate(base.model_dump() | overrides)
+    extractors = {name: ClipExtractor(cfg, device="cpu") for name, cfg in variants.items()}
+    print(f"\nbox IoU against detecting every frame (same settings otherwise), {time.strftime('%Y-%m-%d')}\n")
+    print("| clip | variant | frames with a face | IoU mean | IoU 5th pct | IoU min |")
+    print("|---|---|---:|---:|---:|---:|")
+    for clip in clips:
+        reader, info = video.open_video(clip)
+        idx = video.source_indices(info, 0.0, video.n_output_frames(info.duration_s, base.fps), base.fps)
+        whole = next(video.iter_frame_chunks(reader, idx, len(idx)))
+        tracks = {name: ex.track(reader, idx, whole, StageTimer()) for name, ex in extractors.items()}
+        dense_boxes, _, dense_present = tracks["dense"]
+        for name, (boxes, _, present) in tracks.items():
+            if name == "dense":
+                continue
+            both = np.flatnonzero(present & dense_present)
+            iou = np.array([face.iou_matrix(dense_boxes[i:i + 1], boxes[i:i + 1])[0, 0] for i in both])
+            print(f"| {clip.name} | {name} | {present.sum()}/{dense_present.sum()} | {iou.mean():.3f} | "
+                  f"{np.percentile(iou, 5):.3f} | {iou.min():.3f} |")
+
+
+def _overrides(text: str) -> dict:
+    """'detect_every=5,min_face_size=20' -> {'detect_every': '5', 'min_face_size': '20'} (pydantic converts)."""
+    return dict(item.split("=", 1) for item in text.split(",") if item)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path(os.environ.get("MSAFLOW_SHARED_DATA", REPO.parent / "shared" / "data")))
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the extraction default is 1)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--clips", type=int, default=0, help="only the first N GRID clips (0: all)")
-    p.add_argument("--settings", type=lambda s: tuple(float(x) if i == 0 else int(x) for i, x in enumerate(s.split(","))),
-                   nargs="+", default=[(0.5, 5), (0.5, 10), (1.0, 1)], metavar="SCALE,EVERY",
-                   help="msaflow detect_scale,detect_every pairs to time")
+    p.add_argument("--variants", type=_overrides, nargs="+",
+                   default=[{}, {"detect_every": 25}, {"min_face_size": 20},
+                            {"min_face_size": 20, "detect_every": 5, "refine_iou": 0.0}],
+                   metavar="KEY=VALUE[,KEY=VALUE]", help="msaflow extract settings to time ('' = defaults)")
     p.add_argument("--memory", action="store_true", help="peak RSS on a 1- and a 10-minute clip instead")
-    p.add_argument("--memory-detect-every", type=int, default=5,
-                   help="detect_every for --memory (a larger stride only shortens the run)")
+    p.add_argument("--quality", action="store_true",
+                   help="box IoU of each variant against dense detection (HDTF + GRID clips) instead")
     p.add_argument("--work", type=Path, help="--memory: folder for the long clips (reused when present)")
     p.add_argument("--json", type=Path, help="also write the raw seconds here")
     args = p.parse_args()
-    memory(args) if args.memory else speed(args)
+    memory(args) if args.memory else quality(args) if args.quality else speed(args)
 
 
 if __name__ == "__main__":

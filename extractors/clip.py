@@ -102,7 +102,7 @@ class ClipExtractor:
             start, end = _segment(job, info, audio_s)
             duration = end - start
             n_frames = video.n_output_frames(duration, cfg.fps)
-            face_path, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
+            faces, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
             with timer("fbank"):
                 n_steps = audio.fbank_steps(duration)
                 fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels)
@@ -119,7 +119,7 @@ class ClipExtractor:
                 "has_text": bool(job.text.strip()), "mode": "raw",
             }
             members = {
-                "json": meta, "face.npy": face_path, "vision_mask.npy": vision_mask,
+                "json": meta, "face.npy": faces, "vision_mask.npy": vision_mask,
                 "wav.npy": wav if wav is not None else np.zeros(0, np.int16),
                 "fbank.npy": fbank, "audio_mask.npy": audio_mask, "text_ids.npy": text_ids,
             }
@@ -144,21 +144,52 @@ class ClipExtractor:
                 "seconds": dict(timer.seconds)}
 
     def _faces(self, reader, info, start: float, n_frames: int, scratch: Path, timer: StageTimer):
-        """(path of face.npy memmap (n_frames, S, S, 3), vision mask (n_frames,))."""
+        """(face crops (n_frames, S, S, 3): an array, or for a clip longer than one chunk the path
+        of a .npy memmap, so memory stays bounded; vision mask (n_frames,))."""
         cfg = self.cfg
         size = cfg.face_size
-        face_path = scratch / "face.npy"
-        crops = np.lib.format.open_memmap(face_path, mode="w+", dtype=np.uint8,
-                                          shape=(n_frames, size, size, 3))
         if info is None or n_frames == 0:
-            del crops
-            return face_path, np.zeros(n_frames, bool)
+            return np.zeros((n_frames, size, size, 3), np.uint8), np.zeros(n_frames, bool)
         indices = video.source_indices(info, start, n_frames, cfg.fps)
         pictured = np.flatnonzero(indices >= 0)
         whole = None  # (positions, frames) when the clip fits in one chunk: decode once
         if len(pictured) <= cfg.chunk_frames:
             with timer("decode"):
                 whole = next(video.iter_frame_chunks(reader, indices, cfg.chunk_frames), None)
+        if whole is not None or len(pictured) == 0:
+            face_out = crops = np.zeros((n_frames, size, size, 3), np.uint8)
+        else:
+            face_out = scratch / "face.npy"
+            crops = np.lib.format.open_memmap(face_out, mode="w+", dtype=np.uint8, shape=(n_frames, size, size, 3))
+
+        boxes, marks, present = self.track(reader, indices, whole, timer)
+        if whole is not None:
+            chunks = iter([whole])
+        else:
+            wanted = np.where(present, indices, -1)
+            chunks = video.iter_frame_chunks(reader, wanted, cfg.chunk_frames)
+        while True:
+            with timer("decode"):
+                item = next(chunks, None)
+            if item is None:
+                break
+            positions, frames = item
+            keep = present[positions]
+            positions, frames = positions[keep], frames[keep]
+            with timer("crop"):
+                crops[positions] = face.crop_faces(frames, boxes[positions], marks[positions], size,
+                                                   cfg.face_margin, cfg.align_faces, self.device)
+        if isinstance(crops, np.memmap):
+            crops.flush()
+        del crops
+        return face_out, present
+
+    def track(self, reader, indices: np.ndarray, whole, timer: StageTimer):
+        """The main face per output frame: (boxes (n, 4), landmarks (n, 5, 2), present (n,)),
+        by the rule of extractors/face.py. `indices`: source frame per output frame (-1: no
+        picture); `whole`: (positions, frames) when the clip was decoded in one chunk, else None."""
+        cfg, n_frames = self.cfg, len(indices)
+        pictured = np.flatnonzero(indices >= 0)
 
         def detect(positions: np.ndarray) -> list[face.FrameFaces]:
             if whole is not None:
@@ -187,22 +218,4 @@ class ClipExtractor:
             track = face.choose_track(face.link_tracks(found, cfg.track_iou, max_gap), len(found))
             boxes, marks, present = face.fill_track(track, n_frames, max_gap)
             present &= indices >= 0
-        if whole is not None:
-            chunks = iter([whole])
-        else:
-            wanted = np.where(present, indices, -1)
-            chunks = video.iter_frame_chunks(reader, wanted, cfg.chunk_frames)
-        while True:
-            with timer("decode"):
-                item = next(chunks, None)
-            if item is None:
-                break
-            positions, frames = item
-            keep = present[positions]
-            positions, frames = positions[keep], frames[keep]
-            with timer("crop"):
-                crops[positions] = face.crop_faces(frames, boxes[positions], marks[positions], size,
-                                                   cfg.face_margin, cfg.align_faces, self.device)
-        crops.flush()
-        del crops
-        return face_path, present
+        return boxes, marks, present

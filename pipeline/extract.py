@@ -38,7 +38,7 @@ class ExtractConfig(BaseModel):
     face_margin: float = Field(0.25, ge=0, description="crop side = max(box w, h) x (1 + margin)")
     align_faces: bool = Field(True, description="rotate crops so the eyes are level")
     detect_scale: float = Field(0.5, gt=0, le=1, description="frames are downscaled by this for MTCNN")
-    detect_every: int = Field(25, ge=1, description="keyframes: run MTCNN on every n-th output frame (+ the last)")
+    detect_every: int = Field(50, ge=1, description="keyframes: run MTCNN on every n-th output frame (+ the last)")
     refine_iou: float = Field(0.6, ge=0, le=1, description="between keyframes whose faces differ (count, or IoU "
                               "below this) also detect halfway, recursively; 0 = never")
     detect_batch: int = Field(32, ge=1, description="frames per MTCNN call")
