@@ -1,10 +1,12 @@
 """One clip → its raw-mode members → `clips/<key>.tar` (docs/data-contracts.md §2-3).
 
 Two passes over the video, each streamed in chunks of `chunk_frames` output frames:
-detection on the detection frames, then (once the clip's face track is known) cropping
-of the frames that have a face. Crops go into an on-disk .npy memmap that the tar writer
-streams, so a long clip never holds its frames or crops in memory. When the whole clip
-fits in one chunk it is decoded once.
+detection on the detection frames (keyframes, then halfway where they disagree), then
+(once the clip's face track is known) cropping of the frames that have a face. A long
+clip's crops are written to an on-disk .npy as they are cut and the tar writer streams it,
+so a long clip never holds its frames or crops in memory. When the whole clip fits in one
+chunk it is decoded once and its crops stay in memory. The truncation check (ffprobe on
+the file's end) runs in a child process meanwhile.
 """
 
 from __future__ import annotations
@@ -68,6 +70,35 @@ def _segment(job: ClipJob, info: video.VideoInfo | None, audio_s: float | None) 
         raise DecodeError("segment", f"segment [{start}, {end}) s starts after the media ends "
                                      f"({media_end:.3f} s)")
     return start, end
+
+
+class _NpyFrameWriter:
+    """A uint8 .npy of `n` frames written front to back: `writer[positions] = frames` with
+    ascending positions; frames never given are zeros. Plain writes, so the crops of a long
+    clip sit in the page cache, not in the process's memory as a memmap's pages would."""
+
+    def __init__(self, path: Path, n: int, frame_shape: tuple[int, ...]):
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": "|u1", "fortran_order": False,
+                                                           "shape": (n, *frame_shape)})
+        self.n, self.next, self.zero = n, 0, np.zeros(frame_shape, np.uint8)
+
+    def _zeros_until(self, stop: int) -> None:
+        for _ in range(self.next, stop):
+            self.file.write(self.zero.tobytes())
+        self.next = max(self.next, stop)
+
+    def __setitem__(self, positions: np.ndarray, frames: np.ndarray) -> None:
+        for pos, frame in zip(positions.tolist(), frames):
+            if pos < self.next:
+                raise ValueError(f"frame {pos} written after frame {self.next - 1}: positions must ascend")
+            self._zeros_until(pos)
+            self.file.write(np.ascontiguousarray(frame, np.uint8).tobytes())
+            self.next = pos + 1
+
+    def close(self) -> None:
+        self._zeros_until(self.n)
+        self.file.close()
 
 
 class ClipExtractor:
@@ -145,7 +176,7 @@ class ClipExtractor:
 
     def _faces(self, reader, info, start: float, n_frames: int, scratch: Path, timer: StageTimer):
         """(face crops (n_frames, S, S, 3): an array, or for a clip longer than one chunk the path
-        of a .npy memmap, so memory stays bounded; vision mask (n_frames,))."""
+        of a .npy written chunk by chunk, so memory stays bounded; vision mask (n_frames,))."""
         cfg = self.cfg
         size = cfg.face_size
         if info is None or n_frames == 0:
@@ -160,7 +191,7 @@ class ClipExtractor:
             face_out = crops = np.zeros((n_frames, size, size, 3), np.uint8)
         else:
             face_out = scratch / "face.npy"
-            crops = np.lib.format.open_memmap(face_out, mode="w+", dtype=np.uint8, shape=(n_frames, size, size, 3))
+            crops = _NpyFrameWriter(face_out, n_frames, (size, size, 3))
 
         boxes, marks, present = self.track(reader, indices, whole, timer)
         if whole is not None:
@@ -179,9 +210,8 @@ class ClipExtractor:
             with timer("crop"):
                 crops[positions] = face.crop_faces(frames, boxes[positions], marks[positions], size,
                                                    cfg.face_margin, cfg.align_faces, self.device)
-        if isinstance(crops, np.memmap):
-            crops.flush()
-        del crops
+        if isinstance(crops, _NpyFrameWriter):
+            crops.close()
         return face_out, present
 
     def track(self, reader, indices: np.ndarray, whole, timer: StageTimer):

@@ -191,6 +191,9 @@ def iter_frame_chunks(reader, indices: np.ndarray, chunk_frames: int) -> Iterato
         unique, inverse = np.unique(wanted, return_inverse=True)  # VFR / rate-up repeats frames
         try:
             frames = reader.get_batch(unique.tolist()).asnumpy()
+            # decord's decoder thread goes on decoding the packets it was handed ahead of the last
+            # frame asked for and buffers the pictures: up to ~1 GB on a long video. A seek drops them.
+            reader.seek(0)
         except Exception as exc:
             raise DecodeError(
                 "decode_video", f"cannot decode source frames {int(unique[0])}-{int(unique[-1])}: "

@@ -300,3 +300,33 @@ def test_full_clips_at_default_settings(shared_data, tmp_path):
             assert m["vision_mask.npy"].mean() >= 0.95, row["id"]
     stage_mask = _clip(out, "hamilton/stage")["vision_mask.npy"]
     assert 0 < stage_mask.sum() < len(stage_mask)  # the main performer, present part of the time
+
+
+def test_long_clip_path_gives_the_same_sample_as_one_chunk(shared_data, tmp_path):
+    """A clip longer than `chunk_frames` takes the bounded-memory path (sparse detection
+    decoding, crops written to disk chunk by chunk): same crops, mask and fbank as the
+    one-chunk path. The clip has frames without the kept face, so the zero filling is exercised."""
+    from msaflow.extractors.clip import ClipExtractor, ClipJob
+    from msaflow.pipeline.tario import read_sample_tar
+
+    src = tmp_path / "long.mp4"  # a GRID clip twice, the picture blacked out from 2.0 to 3.5 s
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-i", str(media.make_concatenated(
+        [shared_data / "raw/grid/bbaf2n.mpg"], tmp_path / "two.mp4", repeat=2)),
+        "-vf", "drawbox=enable='between(t,2,3.5)':color=black:t=fill", "-c:v", "libx264", "-preset", "ultrafast",
+        "-c:a", "copy", str(src)], check=True)
+    job = ClipJob(row=1, id="long/x", key="long_x", video_id="long", clip_id="x", path=str(src), start=None,
+                  end=None, text="", label=0.0, split="train")
+    samples = {}
+    for chunk in (500, 16):
+        out = tmp_path / f"chunk{chunk}"
+        (out / "clips").mkdir(parents=True)
+        cfg = ExtractConfig(fps=10.0, detect_every=10, chunk_frames=chunk, threads=1)
+        ClipExtractor(cfg, device="cpu").extract(job, out)
+        samples[chunk] = read_sample_tar(out / "clips" / "long_x.tar")[1]
+    whole, chunked = samples[500], samples[16]
+    mask = whole["vision_mask.npy"]
+    # 1.5 s without a face is longer than max_gap: the two appearances are two tracks, one is kept
+    assert 0.25 < mask.mean() < 0.5 and not mask[20:35].any()
+    for name in ("face.npy", "vision_mask.npy", "fbank.npy", "audio_mask.npy"):
+        np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
+    assert not whole["face.npy"][~mask].any()
