@@ -232,10 +232,22 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     if checkpoint_path.is_file():  # resume, but only the run this command describes
         run = RunConfig(**json.loads(config_path.read_text()))
         asked = asdict(build_run_config(args, splits))
-        changed = sorted(k for k, v in asdict(run).items() if k != "threads" and asked.get(k) != v)
+        # the stopping rule may change: no schedule depends on it, so raising --epochs goes on
+        # exactly as a longer run would have
+        stopping = ("max_epochs", "patience")
+        recorded = asdict(run) | {"optim_config": {k: v for k, v in run.optim_config.items() if k not in stopping}}
+        wanted = asked | {"optim_config": {k: v for k, v in asked["optim_config"].items() if k not in stopping}}
+        changed = sorted(k for k, v in recorded.items() if k != "threads" and wanted.get(k) != v)
         if changed:
             raise SystemExit(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
                              f"resume it with its own command, or train into a new -o folder")
+        new_rule = {k: asked["optim_config"][k] for k in stopping if asked["optim_config"][k] != run.optim_config[k]}
+        if new_rule:
+            print(f"{run_dir}: stopping rule changed on resume: " + ", ".join(
+                f"{k} {run.optim_config[k]} -> {v}" for k, v in new_rule.items()), flush=True)
+            run = replace(run, optim_config=run.optim_config | new_rule)
+            if main_process:
+                write_json_atomic(config_path, asdict(run))
         print(f"resuming {run_dir} from {checkpoint_path.name}", flush=True)
     else:
         run = build_run_config(args, splits)
@@ -271,8 +283,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                            + [("train", r) for r in train_rates] + [("valid", r) for r in run.valid_rates]
                            + [("test", r) for r in test_rates])
     select = "l1" if optim_cfg.select_on == "l1" else "loss"
+    trained = False  # an epoch ran in this call: test metrics from an earlier end are stale
     while state["epoch"] < optim_cfg.max_epochs and state["bad_epochs"] < optim_cfg.patience:
-        epoch, t0 = state["epoch"], time.time()
+        epoch, t0, trained = state["epoch"], time.time(), True
         model.train()
         if hasattr(model, "on_epoch_start"):  # end to end: front-ends frozen until their epoch comes
             for modality in model.on_epoch_start(epoch) or []:
@@ -327,7 +340,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     metrics_path = run_dir / "metrics.json"
     if not main_process:
         return 0
-    if not metrics_path.is_file():
+    if trained or not metrics_path.is_file():
         # the test split is touched once, here, with the weights chosen on validation
         model.load_state_dict(torch.load(best_path, map_location=ctx.device, weights_only=True))
         per_rate = score(model, splits["test"], test_rates, corruption="missing", mask_seed=run.mask_seed,

@@ -128,6 +128,23 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(shared_data, fini
     assert [h["valid"] for h in ha] == [h["valid"] for h in hb]
 
 
+def test_a_finished_run_extended_with_more_epochs_equals_the_longer_run(shared_data, finished_run):
+    """--epochs raised on an existing run folder continues it: 2 epochs + 2 more = run a's 4
+    epochs, validation and test alike. Any other change is still refused."""
+    tmp = finished_run
+    assert cli(_train_args(shared_data, tmp, "d", seed=0, epochs=2)) == 0
+    assert cli(_train_args(shared_data, tmp, "d", seed=0, epochs=4)) == 0
+    ha = json.loads((tmp / "a" / "history.json").read_text())
+    hd = json.loads((tmp / "d" / "history.json").read_text())
+    assert [h["valid"] for h in ha] == [h["valid"] for h in hd]
+    a = json.loads((tmp / "a" / "metrics.json").read_text())
+    d = json.loads((tmp / "d" / "metrics.json").read_text())
+    assert a["rates"] == d["rates"]
+    assert json.loads((tmp / "d" / "config.json").read_text())["optim_config"]["max_epochs"] == 4
+    with pytest.raises(SystemExit, match="seed"):
+        cli(_train_args(shared_data, tmp, "d", seed=1, epochs=4))
+
+
 def test_evaluate_aggregates_seeds_with_auilc(shared_data, finished_run):
     tmp = finished_run
     assert cli(_train_args(shared_data, tmp, "c", seed=1)) == 0
