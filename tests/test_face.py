@@ -18,7 +18,7 @@ def detector():
     return face.FaceDetector(device="cpu", scale=1.0, min_size=20, min_prob=0.9)
 
 
-def test_stage_clip_keeps_one_track_the_main_speaker(shared_data):
+def test_stage_clip_keeps_one_track_the_main_speaker(shared_data, tmp_path):
     """Several small faces on stage: every candidate track is scored, the documented rule
     picks exactly one, and it is the most present one; the extraction crops only it."""
     from msaflow.extractors.clip import ClipExtractor, ClipJob
@@ -48,16 +48,9 @@ def test_stage_clip_keeps_one_track_the_main_speaker(shared_data):
 
     cfg = ExtractConfig(fps=fps, detect_every=1, detect_scale=0.5, min_face_size=20)
     extractor = ClipExtractor(cfg, device="cpu")
-    _, present = extractor._faces(reader, info, start, n, _scratch(), _NullTimer())
+    _, present = extractor._faces(reader, info, start, n, tmp_path, _NullTimer())
     expected = face.fill_track(chosen, n, max(1, round(cfg.fill_gap_s * fps)))[2]
     assert np.array_equal(present, expected)
-
-
-def _scratch():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="msaflow-face-"))
 
 
 class _NullTimer:
@@ -171,7 +164,7 @@ def test_steady_clip_costs_keyframes_only_and_a_cut_is_found_to_the_frame(shared
         extractor.detector.detect = lambda frames, ids: seen.extend(ids.tolist()) or detect(frames, ids)
         reader, info = video.open_video(path)
         n = video.n_output_frames(info.duration_s, 25.0)
-        _, present = extractor._faces(reader, info, 0.0, n, _scratch(), _NullTimer())
+        _, present = extractor._faces(reader, info, 0.0, n, tmp_path, _NullTimer())
         return sorted(seen), present
 
     grid = shared_data / "raw/grid/bbaf2n.mpg"
