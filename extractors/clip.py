@@ -166,6 +166,10 @@ class ClipExtractor:
                 from msaflow.pipeline.tario import write_sample_tar
 
                 write_sample_tar(out_dir / "clips" / f"{job.key}.tar", job.key, members)
+        except DecodeError:
+            if tail_check is not None:  # a file cut short: report that cause, whatever decord tripped on
+                tail_check.result()
+            raise
         finally:
             if tail_check is not None:
                 tail_check.cancel()  # a no-op once its result was read
