@@ -79,11 +79,11 @@ def decode_only(job: ClipJob, cfg: ExtractConfig, out: Path) -> dict:
 class NaiveLoop:
     """Frame by frame: decode one frame, MTCNN on it at full resolution, crop the best face."""
 
-    def __init__(self, cfg: ExtractConfig):
+    def __init__(self, cfg: ExtractConfig, device: str = "cpu"):
         from facenet_pytorch import MTCNN
 
         self.cfg = cfg
-        self.mtcnn = MTCNN(keep_all=False, device="cpu")  # facenet-pytorch's defaults, as such scripts use it
+        self.mtcnn = MTCNN(keep_all=False, device=device)  # facenet-pytorch's defaults, as such scripts use it
 
     def __call__(self, job: ClipJob, out: Path) -> dict:
         from facenet_pytorch.models.utils.detect_face import extract_face
@@ -116,15 +116,15 @@ def speed(args) -> None:
         sys.exit(f"no GRID clips under {args.data}/raw/grid")
     jobs = _jobs(clips[: args.clips] if args.clips else clips)
     torch.set_num_threads(args.threads)
-    base = ExtractConfig(device="cpu")
+    base = ExtractConfig(device=args.device)
     variants = {"decode only (floor)": None, "naive per-frame MTCNN": "naive"}
     for overrides in args.variants:
         name = "msaflow " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or "(defaults)")
         variants[name] = ExtractConfig.model_validate(base.model_dump() | overrides)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
-        naive = NaiveLoop(base)
-        extractors = {name: ClipExtractor(cfg, device="cpu") for name, cfg in variants.items()
+        naive = NaiveLoop(base, args.device)
+        extractors = {name: ClipExtractor(cfg, device=args.device) for name, cfg in variants.items()
                       if isinstance(cfg, ExtractConfig)}
         for name in variants:  # warm-up: first calls pay one-time initialisation
             _run_one(name, variants[name], jobs[0], naive, extractors, base, Path(tmp) / "warm")
@@ -143,8 +143,9 @@ def speed(args) -> None:
     n_clips = len(jobs) * args.repeats
     floor = results["decode only (floor)"]["wall"]
     naive_wall = results["naive per-frame MTCNN"]["wall"]
+    where = f"cuda ({torch.cuda.get_device_name()})" if args.device == "cuda" else "cpu"
     print(f"\n{len(jobs)} GRID clips x {args.repeats} repeats, {os.cpu_count()} CPUs, torch threads {args.threads}, "
-          f"device cpu, {time.strftime('%Y-%m-%d')}\n")
+          f"device {where}, {time.strftime('%Y-%m-%d')}\n")
     print("| pipeline | clips/s | " + " | ".join(f"{s} s/clip" for s in STAGES) + " | x decode-only time | x naive clips/s |")
     print("|---|---:|" + "---:|" * len(STAGES) + "---:|---:|")
     for name, t in results.items():
@@ -241,6 +242,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=Path(os.environ.get("MSAFLOW_SHARED_DATA", REPO.parent / "shared" / "data")))
     p.add_argument("--threads", type=int, default=1, help="torch threads (the extraction default is 1)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="speed: where MTCNN and the crops run")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--clips", type=int, default=0, help="only the first N GRID clips (0: all)")
     p.add_argument("--variants", type=_overrides, nargs="+",
