@@ -88,7 +88,7 @@ def _missing(batch: dict, modality: str) -> torch.Tensor:
     if key in batch:
         return batch[key]
     ref = batch["text_ids"] if modality == "text" else batch[modality][..., 0]
-    return torch.zeros(ref.shape, dtype=torch.bool)  # no simulation applied: nothing dropped
+    return torch.zeros(ref.shape, dtype=torch.bool, device=ref.device)  # no simulation applied: nothing dropped
 
 
 @register("emt-dlfr")

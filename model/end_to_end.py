@@ -360,7 +360,8 @@ def simulate_missing_raw(batch: dict, rate: float, *, modalities: list[str], unk
     proxy = dict(batch)
     for m in modalities:
         proxy[m] = _step_proxy(batch, m)
-        proxy.setdefault(f"{m}_lengths", torch.full((proxy[m].shape[0],), proxy[m].shape[1], dtype=torch.long))
+        proxy.setdefault(f"{m}_lengths", torch.full((proxy[m].shape[0],), proxy[m].shape[1], dtype=torch.long,
+                                                    device=proxy[m].device))
     wanted = [m for m in ("text", *modalities) if m in missing.present_modalities(proxy)]
     masks = missing.drop_masks(proxy, rate, generator=generator, seed=seed, modalities=wanted)
     out = missing.apply_drop(batch, {"text": masks["text"]} if "text" in masks else {}, unk_id)

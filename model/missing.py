@@ -30,14 +30,14 @@ SEQUENCE_MODALITIES = ("audio", "vision")
 
 
 def valid_positions(batch: dict, modality: str) -> torch.Tensor:
-    """(B, T) bool: positions a corruption may touch."""
+    """(B, T) bool on the batch's device: positions a corruption may touch."""
     if modality == "text":
         ids = batch["text_ids"]
         lengths = batch["text_lengths"]
-        pos = torch.arange(ids.shape[1])[None, :]
+        pos = torch.arange(ids.shape[1], device=lengths.device)[None, :]
         return (pos >= 1) & (pos < lengths[:, None] - 1)
     lengths = batch[f"{modality}_lengths"]
-    pos = torch.arange(batch[modality].shape[1])[None, :]
+    pos = torch.arange(batch[modality].shape[1], device=lengths.device)[None, :]
     return pos < lengths[:, None]
 
 
@@ -72,7 +72,9 @@ def drop_masks(batch: dict, rate: float, *, generator: torch.Generator | None = 
         raise ValueError(f"missing rate must lie in [0, 1], got {rate}")
     masks = {}
     for m in modalities or present_modalities(batch):
-        masks[m] = (_uniforms(batch, m, generator, seed) < rate) & valid_positions(batch, m)
+        valid = valid_positions(batch, m)
+        # drawn on the CPU whatever the batch's device, so a seed gives the same masks everywhere
+        masks[m] = (_uniforms(batch, m, generator, seed) < rate).to(valid.device) & valid
     return masks
 
 
@@ -108,7 +110,7 @@ def add_noise(batch: dict, level: float, *, unk_id: int = 100, generator: torch.
             noise = _per_sample_normals(list(batch["id"]), x.shape[1:], seed, m)
         else:
             noise = torch.randn(x.shape, generator=generator)
-        out[m] = x + level * noise * valid_positions(batch, m)[..., None]
+        out[m] = x + level * noise.to(x.device) * valid_positions(batch, m)[..., None]
     return out
 
 

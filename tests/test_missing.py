@@ -90,3 +90,16 @@ def test_bad_rate_and_unknown_corruption_fail_clearly(shared_data):
         simulate_missing(batch, 1.5, seed=0)
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt(batch, "blur", 0.1, seed=0)
+
+
+def test_a_batch_on_another_device_gets_its_masks_there(shared_data):
+    """Masks are drawn on the CPU (one seed, one mask, whatever the device) and land on the
+    batch's device; the 'meta' device stands in for a GPU here."""
+    batch = mosi_batch(shared_data, n=8)
+    on_meta = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
+    for kw in ({"seed": 0}, {"generator": torch.Generator().manual_seed(0)}):
+        masks = drop_masks(on_meta, 0.5, **kw)
+        assert {m.device.type for m in masks.values()} == {"meta"}
+        out = simulate_missing(on_meta, 0.5, **kw)
+        assert out["text_ids"].device.type == out["audio"].device.type == "meta"
+    assert add_noise(on_meta, 0.5, seed=0)["audio"].device.type == "meta"
