@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from msaflow.pipeline.extract import ExtractConfig
+from msaflow.pipeline.extract import ExtractConfig, output_settings
 from msaflow.pipeline.manifest import ManifestConfig
 from msaflow.pipeline.shards import ShardsConfig
 
@@ -138,9 +138,9 @@ def canonical_json(obj: Any) -> str:
 
 
 def extract_config_hash(section: dict) -> str:
-    """sha256 of the canonical JSON of the validated extract config (defaults filled in)."""
-    validated = ExtractConfig.model_validate(section).model_dump(mode="json")
-    return hashlib.sha256(canonical_json(validated).encode("utf-8")).hexdigest()
+    """sha256 of the canonical JSON of the extract settings that determine the output
+    (validated, defaults filled in; runtime settings such as the device left out)."""
+    return hashlib.sha256(canonical_json(output_settings(section)).encode("utf-8")).hexdigest()
 
 
 def load_workflow_config(path: str | Path) -> WorkflowConfig:

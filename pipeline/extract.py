@@ -53,6 +53,17 @@ class ExtractConfig(BaseModel):
     clip_timeout_s: float | None = Field(1800.0, gt=0, description="kill a worker stuck on one clip")
 
 
+# How an extraction runs, not what it writes: left out when settings are compared or hashed,
+# so chunks run on GPU and CPU machines (or with other thread counts) make one dataset.
+RUNTIME_SETTINGS = ("device", "threads", "chunk_frames", "clip_timeout_s")
+
+
+def output_settings(section: dict) -> dict:
+    """The validated extract settings (defaults filled in) that determine the clips' contents."""
+    validated = ExtractConfig.model_validate(section).model_dump(mode="json")
+    return {k: v for k, v in validated.items() if k not in RUNTIME_SETTINGS}
+
+
 def load_config(path: str | Path | None) -> ExtractConfig:
     """ExtractConfig from a YAML that is the extract section or has an `extract:` key."""
     if path is None:

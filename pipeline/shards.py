@@ -294,9 +294,10 @@ def extract_config(extract_dir: Path, given: dict | None) -> dict:
     """The validated extract config the clips were made with.
 
     The chunk summaries record it; they must agree with each other and with `given` (the
-    `extract:` section of --config) when one is given. Without either, the defaults.
+    `extract:` section of --config) when one is given, on every setting that changes the
+    output (not on runtime settings such as the device). Without either, the defaults.
     """
-    from msaflow.pipeline.extract import ExtractConfig
+    from msaflow.pipeline.extract import ExtractConfig, output_settings
 
     recorded = {}
     for summary in sorted((extract_dir / "chunks").glob("*.json")):
@@ -305,8 +306,9 @@ def extract_config(extract_dir: Path, given: dict | None) -> dict:
     reference = ExtractConfig.model_validate(given or {}).model_dump(mode="json") if given is not None \
         else next(iter(recorded.values()), ExtractConfig().model_dump(mode="json"))
     for summary, used in recorded.items():
-        if differing := [f"{k}: {used.get(k)!r} (expected {reference.get(k)!r})"
-                         for k in sorted(reference) if used.get(k) != reference.get(k)]:
+        used, expected = output_settings(used), output_settings(reference)
+        if differing := [f"{k}: {used.get(k)!r} (expected {expected.get(k)!r})"
+                         for k in sorted(expected) if used.get(k) != expected.get(k)]:
             raise ShardsError(f"{summary}: clips were extracted with another extract config than "
                               f"{'--config gives' if given is not None else 'other chunks'}: "
                               f"{'; '.join(differing)}")

@@ -252,6 +252,15 @@ def test_config_hash_is_of_the_extract_config_the_clips_were_made_with(tmp_path,
     index = json.loads((out / "train" / "index.json").read_text())
     assert index["config_hash"] == extract_config_hash(used) != extract_config_hash(ExtractConfig().model_dump())
 
+    # chunks run on a GPU machine with more threads: the same dataset as the workflow config's
+    on_gpu = ExtractConfig(fps=FPS, detect_every=2, device="cuda", threads=4, chunk_frames=64).model_dump(mode="json")
+    (extract_dir / "chunks" / "1-of-1.json").write_text(json.dumps({"config": on_gpu}))
+    (tmp_path / "workflow.yaml").write_text(f"extract:\n  fps: {FPS}\n  detect_every: 2\n  device: auto\n")
+    assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out),
+                     "--config", str(tmp_path / "workflow.yaml")]) == 0
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert index["config_hash"] == extract_config_hash(used) == extract_config_hash(on_gpu)
+
     (tmp_path / "other.yaml").write_text("extract:\n  fps: 25.0\n")  # not what the clips were made with
     assert cli_main(["shards", str(extract_dir), "--manifest", str(manifest), "-o", str(out),
                      "--config", str(tmp_path / "other.yaml")]) == 2
