@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("shards", "pack extracted clips into WebDataset shards per split"),
     "frontends": ("frontends_cli", "list the registered front-ends and their weights"),
     "train": ("train", "train EMT-DLFR or a baseline"),
+    "export-text": ("export_text", "a run's fine-tuned text encoder as a Hugging Face folder (warm start)"),
     "evaluate": ("evaluate", "metrics at every missing rate (or noise level) and their AUILC"),
     "report": ("report", "robustness curves, face-crop contact sheet, failures, timings"),
     "predict": ("predict", "sentiment score for one video with a trained checkpoint"),
