@@ -305,8 +305,9 @@ def extract_config(extract_dir: Path, given: dict | None) -> dict:
             recorded[summary] = ExtractConfig.model_validate(used).model_dump(mode="json")
     reference = ExtractConfig.model_validate(given or {}).model_dump(mode="json") if given is not None \
         else next(iter(recorded.values()), ExtractConfig().model_dump(mode="json"))
+    expected = output_settings(reference)
     for summary, used in recorded.items():
-        used, expected = output_settings(used), output_settings(reference)
+        used = output_settings(used)
         if differing := [f"{k}: {used.get(k)!r} (expected {expected.get(k)!r})"
                          for k in sorted(expected) if used.get(k) != expected.get(k)]:
             raise ShardsError(f"{summary}: clips were extracted with another extract config than "
