@@ -64,6 +64,7 @@ def run_one(name: str, tars: list[Path], batch_size: int, steps: int, device: st
 
     from msaflow.model.config import for_dataset
     from msaflow.model.end_to_end import EndToEndConfig, build_end_to_end
+    from msaflow.pipeline.distributed import to_device
     from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
     from msaflow.pipeline.tario import read_sample_tar
 
@@ -72,7 +73,6 @@ def run_one(name: str, tars: list[Path], batch_size: int, steps: int, device: st
     layout = MODE_LAYOUTS["raw"].members
     samples = [Sample(m["json"]["id"], m["json"], {k: m[k] for k in layout}, 1.0) for m in members]
     batches = [collate(samples[i : i + batch_size], layout) for i in range(0, len(samples) - batch_size + 1, batch_size)]
-    to_dev = lambda b: {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
     model_cfg, optim_cfg = for_dataset("mosi")
     model_cfg = replace(model_cfg, freeze_text=True)
     e2e = EndToEndConfig(policies={"vision": policy, "audio": policy}, bf16=bf16, checkpoint=ckpt)
@@ -84,7 +84,7 @@ def run_one(name: str, tars: list[Path], batch_size: int, steps: int, device: st
     def step(batch):
         optimizer.zero_grad(set_to_none=True)
         incomplete = model.simulate_missing(batch, 0.3, generator=gen)  # on the CPU, as the loader does
-        loss, _ = model.compute_loss(to_dev(batch), to_dev(incomplete))
+        loss, _ = model.compute_loss(to_device(batch, device), to_device(incomplete, device))
         loss.backward()
         optimizer.step()
         return float(loss.detach())

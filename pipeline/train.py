@@ -235,8 +235,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
         # the stopping rule may change: no schedule depends on it, so raising --epochs goes on
         # exactly as a longer run would have
         stopping = ("max_epochs", "patience")
-        recorded = asdict(run) | {"optim_config": {k: v for k, v in run.optim_config.items() if k not in stopping}}
-        wanted = asked | {"optim_config": {k: v for k, v in asked["optim_config"].items() if k not in stopping}}
+
+        def without_stopping(cfg: dict) -> dict:
+            return cfg | {"optim_config": {k: v for k, v in cfg["optim_config"].items() if k not in stopping}}
+
+        recorded, wanted = without_stopping(asdict(run)), without_stopping(asked)
         changed = sorted(k for k, v in recorded.items() if k != "threads" and wanted.get(k) != v)
         if changed:
             raise SystemExit(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
