@@ -10,7 +10,8 @@ set -euo pipefail
 DATA=${1:?MMSA pickle}
 OUT=${2:?output folder}
 JOBS=${3:-3}
-# env: EPOCHS (12), PER_RATE_EPOCHS (EPOCHS), PATIENCE (4), GRAD_ACCUM (4), PER_RATE_RATES ("0.0 0.2 ... 1.0"), PER_RATE_SEED (0), CACHE, MSAFLOW, PYTHON
+# env: EPOCHS (12), PER_RATE_EPOCHS (EPOCHS), PATIENCE (4), GRAD_ACCUM (4), PER_RATE_RATES ("0.0 0.2 ... 1.0"),
+#      PER_RATE_SEEDS ("0"), SINGLE_MODEL_SEEDS ("0 1 2"; empty: per-rate runs only), CACHE, MSAFLOW, PYTHON
 MSAFLOW=${MSAFLOW:-msaflow}
 CACHE=${CACHE:-$OUT/text-cache}
 mkdir -p "$OUT/logs" "$OUT/runs"
@@ -20,13 +21,15 @@ ${PYTHON:-python} -m msaflow.pipeline.text_cache --data "$DATA" --cache "$CACHE"
 
 jobs_list() {
   for model in emt-dlfr emt; do
-    for seed in 0 1 2; do
+    for seed in ${SINGLE_MODEL_SEEDS-0 1 2}; do
       echo "$model single-model 0.0 $seed"
     done
   done
   for rate in ${PER_RATE_RATES:-0.0 0.2 0.4 0.6 0.8 1.0}; do
     for model in emt-dlfr emt; do
-      echo "$model per-rate $rate ${PER_RATE_SEED:-0}"
+      for seed in ${PER_RATE_SEEDS:-0}; do
+        echo "$model per-rate $rate $seed"
+      done
     done
   done
 }
@@ -46,10 +49,15 @@ export -f run_one
 export OUT MSAFLOW DATA CACHE
 jobs_list | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
 
+# aggregate whichever groups have runs (seeds x rates per protocol)
+have() { compgen -G "$1" > /dev/null; }
 for model in emt-dlfr emt; do
-  $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" -o "$OUT/$model-single-model.json"
-  $MSAFLOW evaluate "$OUT"/runs/$model-per-rate-r*-s* --data "$DATA" -o "$OUT/$model-per-rate.json"
-done
-for model in emt-dlfr emt; do
-  $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" --corruption noise -o "$OUT/$model-single-model-noise.json"
+  if have "$OUT/runs/$model-single-model-s*"; then
+    $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" -o "$OUT/$model-single-model.json"
+    $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" --corruption noise \
+      -o "$OUT/$model-single-model-noise.json"
+  fi
+  if have "$OUT/runs/$model-per-rate-r*-s*"; then
+    $MSAFLOW evaluate "$OUT"/runs/$model-per-rate-r*-s* --data "$DATA" -o "$OUT/$model-per-rate.json"
+  fi
 done
