@@ -11,6 +11,7 @@ single-model protocol draws its rate from them instead of U[0, 1]); test uses 0.
 
 Prebuild (optional; `msaflow train --text-cache DIR` builds what is missing):
     python -m msaflow.pipeline.text_cache --data PKL --cache DIR [--splits test,valid,train]
+        [--train-rates 0.0:1.0:0.1]   (train/valid rates: per-rate runs at other rates than the default grid)
 """
 
 from __future__ import annotations
@@ -124,11 +125,16 @@ def main() -> int:
     p.add_argument("--text-model", default="minilm")
     p.add_argument("--mask-seed", type=int, default=0)
     p.add_argument("--splits", default="test,valid,train", help="comma-separated splits, built in this order")
+    p.add_argument("--train-rates", default="0.0:1.0:0.2",
+                   help="missing rates cached for train and valid (test: always 0.0:1.0:0.1)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    from msaflow.pipeline.evaluate import parse_rates  # evaluate imports this module
+
     torch.set_num_threads(args.threads)
     splits = load_mmsa_pickle(args.data)
-    needed = [(s, r) for s in args.splits.split(",") for r in (GRID if s == "test" else COARSE_GRID)]
+    train_rates = sorted(set(parse_rates(args.train_rates)))
+    needed = [(s, r) for s in args.splits.split(",") for r in (GRID if s == "test" else train_rates)]
     TextStateCache(args.cache, splits, args.text_model, args.mask_seed).build(needed)
     return 0
 

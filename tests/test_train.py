@@ -47,6 +47,17 @@ def _small_pickle(shared_data: Path, path: Path, edit) -> Path:
     return path
 
 
+def test_text_cache_prebuilds_train_and_valid_at_the_asked_rates(shared_data, tmp_path, monkeypatch):
+    from msaflow.pipeline import text_cache
+
+    data = _small_pickle(shared_data, tmp_path / "small.pkl", lambda d: None)
+    monkeypatch.setattr(sys, "argv", ["text_cache", "--data", str(data), "--cache", str(tmp_path / "cache"),
+                                      "--splits", "valid,train", "--train-rates", "0.1,0.3,0.1", "--threads", "1"])
+    assert text_cache.main() == 0
+    built = {(f.name.split("-")[0], f.name.rsplit("-r", 1)[1]) for f in (tmp_path / "cache").glob("*.npy")}
+    assert built == {(s, r) for s in ("train", "valid") for r in ("0.10.npy", "0.30.npy")}
+
+
 def test_sanitizes_inf_and_tolerates_absent_modalities(shared_data, tmp_path):
     def inject(d):
         d["train"]["audio"] = d["train"]["audio"].copy()
