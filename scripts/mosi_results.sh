@@ -4,8 +4,10 @@
 #
 #   scripts/mosi_results.sh DATA.pkl OUT_DIR [PARALLEL_JOBS]
 #
-# Resumable: a finished run is skipped, an interrupted one continues from its checkpoint.
-# Each run's wall time goes to OUT_DIR/logs/<run>.log ("wall_seconds ...").
+# Resumable: an interrupted run continues from its checkpoint, a finished one is left as it is,
+# unless EPOCHS / PER_RATE_EPOCHS / PATIENCE were raised: then it continues exactly as the
+# longer run would have gone. Each call's wall time is appended to OUT_DIR/logs/<run>.log
+# ("wall_seconds ..."; a run's time is their sum).
 set -euo pipefail
 DATA=${1:?MMSA pickle}
 OUT=${2:?output folder}
@@ -39,12 +41,11 @@ jobs_list() {
 run_one() {
   local model=$1 protocol=$2 rate=$3 seed=$4
   local name="$model-$protocol$([ "$protocol" = per-rate ] && echo "-r$rate")-s$seed"
-  [ -f "$OUT/runs/$name/metrics.json" ] && return 0
   local t0 epochs=${EPOCHS:-12}; t0=$(date +%s)
   [ "$protocol" = per-rate ] && epochs=${PER_RATE_EPOCHS:-$epochs}
   $MSAFLOW train --data "$DATA" --text-cache "$CACHE" --threads 1 --epochs "$epochs" --grad-accum "${GRAD_ACCUM:-4}" \
     --patience "${PATIENCE:-4}" --model "$model" --protocol "$protocol" --missing-rate "$rate" --seed "$seed" \
-    -o "$OUT/runs/$name" > "$OUT/logs/$name.log" 2>&1
+    -o "$OUT/runs/$name" >> "$OUT/logs/$name.log" 2>&1
   echo "wall_seconds $(( $(date +%s) - t0 ))" >> "$OUT/logs/$name.log"
 }
 export -f run_one
