@@ -13,7 +13,7 @@ DATA=${1:?MMSA pickle}
 OUT=${2:?output folder}
 JOBS=${3:-3}
 # env: EPOCHS (12), PER_RATE_EPOCHS (EPOCHS), PATIENCE (4), GRAD_ACCUM (4), PER_RATE_RATES ("0.0 0.2 ... 1.0"),
-#      PER_RATE_SEEDS ("0"), SINGLE_MODEL_SEEDS ("0 1 2"; empty: per-rate runs only), CACHE, MSAFLOW, PYTHON
+#      PER_RATE_SEEDS ("0"; empty: none), SINGLE_MODEL_SEEDS ("0 1 2"; empty: none), CACHE, MSAFLOW, PYTHON
 MSAFLOW=${MSAFLOW:-msaflow}
 CACHE=${CACHE:-$OUT/text-cache}
 mkdir -p "$OUT/logs" "$OUT/runs"
@@ -31,7 +31,7 @@ jobs_list() {
   done
   for rate in ${PER_RATE_RATES:-0.0 0.2 0.4 0.6 0.8 1.0}; do
     for model in emt-dlfr emt; do
-      for seed in ${PER_RATE_SEEDS:-0}; do
+      for seed in ${PER_RATE_SEEDS-0}; do
         echo "$model per-rate $rate $seed"
       done
     done
