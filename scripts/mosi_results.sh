@@ -13,7 +13,8 @@ DATA=${1:?MMSA pickle}
 OUT=${2:?output folder}
 JOBS=${3:-3}
 # env: EPOCHS (12), PER_RATE_EPOCHS (EPOCHS), PATIENCE (4), GRAD_ACCUM (4), PER_RATE_RATES ("0.0 0.2 ... 1.0"),
-#      PER_RATE_SEEDS ("0"; empty: none), SINGLE_MODEL_SEEDS ("0 1 2"; empty: none), CACHE, MSAFLOW, PYTHON
+#      PER_RATE_SEEDS ("0"; empty: none), SINGLE_MODEL_SEEDS ("0 1 2"; empty: none), MODELS ("emt-dlfr emt"),
+#      CONFIG (a --config YAML for every run, e.g. optim: {select_on: l1}), CACHE, MSAFLOW, PYTHON
 MSAFLOW=${MSAFLOW:-msaflow}
 CACHE=${CACHE:-$OUT/text-cache}
 mkdir -p "$OUT/logs" "$OUT/runs"
@@ -23,14 +24,15 @@ mkdir -p "$OUT/logs" "$OUT/runs"
 TRAIN_RATES="0.0,0.2,0.4,0.6,0.8,1.0$(printf ',%s' ${PER_RATE_RATES:-})"
 ${PYTHON:-python} -m msaflow.pipeline.text_cache --data "$DATA" --cache "$CACHE" --train-rates "$TRAIN_RATES" --threads 2
 
+MODELS=${MODELS:-emt-dlfr emt}
 jobs_list() {
-  for model in emt-dlfr emt; do
+  for model in $MODELS; do
     for seed in ${SINGLE_MODEL_SEEDS-0 1 2}; do
       echo "$model single-model 0.0 $seed"
     done
   done
   for rate in ${PER_RATE_RATES:-0.0 0.2 0.4 0.6 0.8 1.0}; do
-    for model in emt-dlfr emt; do
+    for model in $MODELS; do
       for seed in ${PER_RATE_SEEDS-0}; do
         echo "$model per-rate $rate $seed"
       done
@@ -45,16 +47,16 @@ run_one() {
   [ "$protocol" = per-rate ] && epochs=${PER_RATE_EPOCHS:-$epochs}
   $MSAFLOW train --data "$DATA" --text-cache "$CACHE" --threads 1 --epochs "$epochs" --grad-accum "${GRAD_ACCUM:-4}" \
     --patience "${PATIENCE:-4}" --model "$model" --protocol "$protocol" --missing-rate "$rate" --seed "$seed" \
-    -o "$OUT/runs/$name" >> "$OUT/logs/$name.log" 2>&1
+    ${CONFIG:+--config "$CONFIG"} -o "$OUT/runs/$name" >> "$OUT/logs/$name.log" 2>&1
   echo "wall_seconds $(( $(date +%s) - t0 ))" >> "$OUT/logs/$name.log"
 }
 export -f run_one
-export OUT MSAFLOW DATA CACHE
+export OUT MSAFLOW DATA CACHE CONFIG
 jobs_list | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
 
 # aggregate whichever groups have runs (seeds x rates per protocol)
 have() { compgen -G "$1" > /dev/null; }
-for model in emt-dlfr emt; do
+for model in $MODELS; do
   if have "$OUT/runs/$model-single-model-s*"; then
     $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" -o "$OUT/$model-single-model.json"
     $MSAFLOW evaluate "$OUT"/runs/$model-single-model-s* --data "$DATA" --corruption noise \
