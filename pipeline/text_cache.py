@@ -125,8 +125,8 @@ def main() -> int:
     p.add_argument("--text-model", default="minilm")
     p.add_argument("--mask-seed", type=int, default=0)
     p.add_argument("--splits", default="test,valid,train", help="comma-separated splits, built in this order")
-    p.add_argument("--train-rates", default="0.0:1.0:0.2",
-                   help="missing rates cached for train and valid (test: always 0.0:1.0:0.1)")
+    p.add_argument("--train-rates", default=",".join(map(str, COARSE_GRID)),
+                   help="missing rates cached for train and valid, e.g. 0.0:1.0:0.1 (test: always the 0.1 grid)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     from msaflow.pipeline.evaluate import parse_rates  # evaluate imports this module
