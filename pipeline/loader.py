@@ -271,25 +271,53 @@ def decode_sample(shard: Path, key: str, blobs: dict[str, bytes], index: SplitIn
     return Sample(key, meta, arrays, weight)
 
 
+def _check_end_of_archive(path: Path, fileobj, end: int, offset: int) -> None:
+    """After the last member: the two zero blocks of a tar's end, then only zero padding to EOF."""
+    fileobj.seek(end)
+    if fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+        raise ShardError(f"{path}: no end-of-archive marker at byte {end}, after sample #{offset} "
+                         "(truncated shard, or bytes there that are not a tar header)")
+    position = end + 2 * tarfile.BLOCKSIZE
+    while chunk := fileobj.read(1 << 20):
+        if chunk.strip(b"\0"):
+            first = position + len(chunk) - len(chunk.lstrip(b"\0"))
+            raise ShardError(f"{path}: trailing data at byte {first}, after the end-of-archive marker")
+        position += len(chunk)
+
+
 def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, float]]) -> Iterator[Sample]:
     """Decode the samples at the `wanted` (offset, weight) of one shard, offsets non-decreasing.
 
-    The whole shard is checked on the way (sample count against index.json, members,
-    bounds): a truncated or corrupt file raises ShardError naming it.
+    The whole shard is checked against index.json, to its last byte, before its last wanted
+    sample is handed out (so a consumer that stops there still gets the check): the sample
+    count, each sample's member set (exactly `json` + the index's members, each once, regular
+    files only, a sample's members together), members running past the end of the file, the
+    end-of-archive marker and nothing but zero padding after it. A problem raises ShardError
+    naming the shard (and the sample where there is one).
     """
     path = entry.path
     needed = ("json", *index.members)
+    expected = set(needed)
     wanted_offsets = {o for o, _ in wanted}
     next_wanted = 0
+    last: list[Sample] = []  # the last wanted sample, held back until the shard is checked whole
 
     def emit(offset: int, key: str, suffixes: set[str], blobs: dict[str, bytes]) -> Iterator[Sample]:
         nonlocal next_wanted
         missing = [m for m in needed if m not in suffixes]
         if missing:
             raise ShardError(f"{path}: sample {key!r} (#{offset}) lacks members {missing} (truncated or corrupt shard?)")
+        extra = sorted(suffixes - expected)
+        if extra:
+            raise ShardError(f"{path}: sample {key!r} (#{offset}) has members {extra} that index.json does not list "
+                             f"(expected {sorted(expected)})")
         while next_wanted < len(wanted) and wanted[next_wanted][0] == offset:
-            yield decode_sample(path, key, blobs, index, wanted[next_wanted][1])
+            sample = decode_sample(path, key, blobs, index, wanted[next_wanted][1])
             next_wanted += 1
+            if next_wanted == len(wanted):
+                last.append(sample)
+            else:
+                yield sample
 
     try:
         tar = tarfile.open(path, "r:")
@@ -298,26 +326,30 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
     with tar:
         size = os.fstat(tar.fileobj.fileno()).st_size
         offset, key, suffixes, blobs = -1, None, set(), {}
+        seen_keys: set[str] = set()
         try:
             for info in tar:
                 if not info.isfile():
-                    continue
+                    raise ShardError(f"{path}: member {info.name!r} is not a regular file (after sample #{offset})")
                 if info.offset_data + info.size > size:
                     raise ShardError(f"{path}: member {info.name} runs past the end of the file (truncated shard)")
                 name_key, _, suffix = info.name.partition(".")
                 if name_key != key:
                     if key is not None:
                         yield from emit(offset, key, suffixes, blobs)
+                    if name_key in seen_keys:
+                        raise ShardError(f"{path}: sample {name_key!r} appears twice (its members are not together)")
+                    seen_keys.add(name_key)
                     offset, key, suffixes, blobs = offset + 1, name_key, set(), {}
+                if suffix in suffixes:
+                    raise ShardError(f"{path}: sample {key!r} (#{offset}) holds member {suffix!r} twice")
                 suffixes.add(suffix)
                 if offset in wanted_offsets and suffix in needed:
                     blobs[suffix] = tar.extractfile(info).read()
             if key is not None:
                 yield from emit(offset, key, suffixes, blobs)
-            # a tar ends with two zero blocks; without them the file was cut short
-            tar.fileobj.seek(tar.offset)
-            if tar.fileobj.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-                raise ShardError(f"{path}: no end-of-archive marker after sample #{offset} (truncated shard)")
+            # a tar ends with two zero blocks (then record padding); without them the file was cut short
+            _check_end_of_archive(path, tar.fileobj, tar.offset, offset)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardError(f"{path}: truncated or corrupt shard ({exc})") from exc
     if offset + 1 != entry.n_samples:
@@ -325,6 +357,7 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
                          "(truncated or corrupt shard)")
     if next_wanted != len(wanted):
         raise ShardError(f"{path}: sample #{wanted[next_wanted][0]} not found")
+    yield from last
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: np.random.Generator, initial: int | None = None) -> Iterator:
