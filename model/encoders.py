@@ -6,6 +6,7 @@ for text also [SEP]), the convention of `torch.nn.MultiheadAttention`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +91,13 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         max_len = x.shape[1]
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)
+        # oneDNN has no bfloat16 LSTM on CPUs without AVX-512: under CPU autocast the LSTM runs in fp32
+        fp32 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
+            packed = pack_padded_sequence(x.float() if fp32 else x, lengths.clamp(min=1).cpu(), batch_first=True,
+                                          enforce_sorted=False)
+            out, (h_n, _) = self.lstm(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)
         return Encoded(self.linear(h_n[-1]), self.linear(out), padding_mask(lengths.clamp(min=1), max_len))
 
 

@@ -27,6 +27,7 @@ GPU); losses are computed in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -132,6 +133,37 @@ class EndToEndConfig:
         return cls(**d)
 
 
+# ---------------------------------------------------------------- bfloat16 on the CPU
+
+
+class Bf16Unsupported(RuntimeError):
+    """bf16 autocast was asked for on a CPU whose math library lacks a bf16 kernel the model needs."""
+
+
+@functools.cache
+def cpu_bf16_problem() -> str | None:
+    """None when the ops the front-ends and fusion run under CPU autocast have bf16 kernels here,
+    else what failed. (The LSTM always runs in fp32 on the CPU: `SequenceEncoder`.)"""
+    x = torch.randn(2, 3, 16, 16)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.functional.conv2d(x, torch.randn(4, 3, 3, 3))
+            nn.functional.conv1d(x[:, :, 0], torch.randn(4, 3, 3))
+            nn.functional.linear(x.flatten(1), torch.randn(5, x[0].numel()))
+            torch.bmm(x[:, 0], x[:, 1])
+            nn.functional.scaled_dot_product_attention(x, x, x)
+    except RuntimeError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def require_cpu_bf16() -> None:
+    problem = cpu_bf16_problem()
+    if problem is not None:
+        raise Bf16Unsupported(f"--bf16 on this CPU: its math library has no bfloat16 kernel for an op the model "
+                              f"runs ({problem}); train in fp32 (drop --bf16 / bf16: false) or on a GPU")
+
+
 # ---------------------------------------------------------------- chunked front-end calls
 
 
@@ -231,6 +263,8 @@ class EndToEnd(MSAModel):
     def _autocast(self, device: torch.device):
         if not self.cfg.bf16:
             return nullcontext()
+        if device.type == "cpu":
+            require_cpu_bf16()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def _run_frontend(self, modality: str, batch: dict) -> dict:
