@@ -37,10 +37,35 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. Errors a command leaves to this level end with one line
+    and a status: the machine's (OSError: no space, permission, I/O error, naming the file) and
+    a folder in use by another process (LockError) exit with 2, a stop by a signal with 128 + the
+    signal's number; the run can be started again and resumes."""
+    from msaflow.pipeline.lock import LockError, Stopped
+
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(f"msaflow.pipeline.{COMMANDS[args.command][0]}")
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except LockError as exc:
+        print(f"msaflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"msaflow {args.command}: error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Stopped as exc:
+        print(f"msaflow {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """'FILE: problem' on one line (no traceback: the machine's fault, not a bug)."""
+    import os
+
+    problem = exc.strerror or str(exc) or type(exc).__name__
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(names)}: {problem}" if names else problem
 
 
 if __name__ == "__main__":

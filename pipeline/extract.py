@@ -4,6 +4,12 @@ Each clip is decoded, face-tracked and cropped in an isolated worker process
 (`extract_pool`); a clip that fails gets `failures/<key>.json` and the others go on. A clip
 whose tar or failure record exists is skipped (resume). The chunk ends with a summary
 `chunks/<K>-of-<N>.json` and a printed table.
+
+Faults of the machine (no space, permission or I/O errors writing the output, a worker stopped
+from outside) are never recorded against a clip: the run stops with one line naming the file
+and the problem, and a rerun retries the clip. One process per chunk: `.msaflow-extract-K-of-N.lock`
+(pipeline/lock.py); scratch files live in a folder of the process (`tmp/<pid>@<host>/`). On
+resume every finished tar's index is checked; a damaged one is extracted again.
 """
 
 from __future__ import annotations
@@ -11,10 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import shutil
+import signal
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -164,9 +176,129 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
 
 
+class TransientError(RuntimeError):
+    """The machine's fault, not a clip's (no space, permission, I/O error): the run stops, nothing is
+    recorded against the clip, and a rerun retries it."""
+
+
 def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = (1, 1),
         progress: bool = True) -> dict:
-    """Extract one chunk of the manifest; return (and write) its summary."""
+    """Extract one chunk of the manifest; return (and write) its summary.
+
+    Holds the chunk's lock in `out` (LockError when another process runs this chunk, or a chunking
+    whose clips overlap it, on the same folder). Temp files and scratch folders of processes that
+    no longer run are removed first. SIGTERM or SIGINT stops the run cleanly (lock.Stopped, after
+    the worker is stopped and this run's temp files are removed); a fault of the machine raises
+    TransientError.
+    """
+    from msaflow.pipeline.lock import output_lock
+
+    k, n = chunk
+    with output_lock(out, f"msaflow extract {manifest} -o {out} --chunk {k}/{n}", name=f"extract-{k}-of-{n}"):
+        _check_overlapping_chunks(out, k, n)
+        if removed := _remove_leftovers(out):
+            print(f"msaflow extract: note: removed {removed} temp file(s) or scratch folder(s) in {out} left by "
+                  f"processes that no longer run", file=sys.stderr)
+        work = _process_dir(out)
+        try:
+            with _stop_on_signals():
+                return _run(manifest, out, cfg, chunk, progress, work)
+        finally:
+            if work != out:
+                shutil.rmtree(work, ignore_errors=True)
+            _remove_leftovers(out)  # what a worker stopped mid-clip left
+
+
+_LOCK_RE = re.compile(r"\.msaflow-extract-(\d+)-of-(\d+)\.lock")
+LEFTOVER_FOLDERS = (".", "clips", "failures", "chunks")
+
+
+def _check_overlapping_chunks(out: Path, k: int, n: int) -> None:
+    """Chunks K/N and K'/N hold other clips; any other chunking (e.g. 1/1 beside 2/4) overlaps."""
+    from msaflow.pipeline.lock import LockError, describe_holder, held_by
+
+    for path in sorted(out.glob(".msaflow-extract-*-of-*.lock")):
+        m = _LOCK_RE.fullmatch(path.name)
+        if m is None or int(m[2]) == n:
+            continue
+        if (holder := held_by(path)) is not None:
+            raise LockError(f"{out} is in use by {describe_holder(holder)}, whose clips overlap chunk {k}/{n}: "
+                            f"wait for it to finish (if that process is gone, delete {path})")
+
+
+def _remove_leftovers(out: Path) -> int:
+    """Remove temp files and scratch folders of this host's processes that no longer run."""
+    from msaflow.pipeline.lock import host_name, pid_alive
+    from msaflow.pipeline.tario import remove_stale_temp
+
+    removed = sum(len(remove_stale_temp(out / folder)) for folder in LEFTOVER_FOLDERS)
+    me = host_name()
+    for entry in (out / "tmp").glob("*@*"):
+        pid, _, host = entry.name.partition("@")
+        if pid.isdigit() and host == me and not pid_alive(int(pid)) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _process_dir(out: Path) -> Path:
+    """The folder this process's worker writes through: `out/tmp/<pid>@<host>/`, whose `clips`
+    links to `out/clips`, so the clip tars land in `out/clips` and the scratch files in a folder
+    of this process (`.../tmp/<key>`). `out` itself where links cannot be made."""
+    from msaflow.pipeline.lock import host_name
+
+    work = out / "tmp" / f"{os.getpid()}@{host_name()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        (work / "clips").symlink_to(Path("..") / ".." / "clips", target_is_directory=True)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        return out
+    return work
+
+
+@contextmanager
+def _stop_on_signals():
+    """SIGTERM / SIGINT raise lock.Stopped in the main thread, so the run unwinds: the worker is
+    stopped and the temp files removed. Further signals are ignored while it cleans up."""
+    from msaflow.pipeline.lock import Stopped
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = (signal.SIGTERM, signal.SIGINT)
+
+    def stop(signum, frame):
+        for s in wanted:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name}: the worker was stopped and the temp "
+                              f"files removed; finished clips are kept (run the same command again to resume)")
+
+    previous = {s: signal.signal(s, stop) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _finished_clip(tar: Path) -> dict | None:
+    """The json of a finished clip tar, after checking its whole index (tario.check_tar); None when
+    it is damaged (cut short by a power loss, say): the tar is then removed, with a note."""
+    from msaflow.pipeline.tario import check_tar
+
+    try:
+        check_tar(tar)
+        return _clip_meta(tar)
+    except ValueError as exc:
+        print(f"msaflow extract: note: {tar} is damaged ({exc}): extracting the clip again", file=sys.stderr)
+        tar.unlink()
+        return None
+
+
+def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], progress: bool,
+         work: Path) -> dict:
     from tqdm import tqdm
 
     from msaflow.extractors.clip import STAGES
@@ -191,8 +323,10 @@ def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = 
     todo = []
     for job in jobs:
         tar, fail = clips_dir / f"{job.key}.tar", fail_dir / f"{job.key}.json"
-        if tar.exists():
-            meta = _clip_meta(tar)
+        meta = None
+        if tar.exists() and (meta := _finished_clip(tar)) is None:
+            counts.update(redone=1)  # damaged: removed, and extracted again below
+        if meta is not None:
             counts.update(ok=1, resumed=1)
             _count_modalities(counts, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"])
         elif fail.exists():
@@ -212,9 +346,12 @@ def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = 
         with IsolatedExtractor(cfg, device, cfg.threads, spec, cfg.clip_timeout_s) as worker:
             bar = tqdm(todo, desc=f"extract {k}/{n}", unit="clip", disable=not progress)
             for job in bar:
-                result = worker.extract(job, out)
+                result = worker.extract(job, work)
                 if "fatal" in result:
                     raise RuntimeError(result["fatal"])
+                if "transient" in result:
+                    raise TransientError(f"{result['transient']} (while extracting {job.id}; nothing is recorded "
+                                         f"for it: fix this and run again, finished clips are kept)")
                 if result["ok"]:
                     counts.update(ok=1)
                     _count_modalities(counts, result["n_frames"], result["n_face_frames"],
@@ -233,7 +370,7 @@ def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = 
     summary = {
         "chunk": f"{k}/{n}", "mode": cfg.mode, "device": device,
         "counts": {c: int(counts.get(c, 0)) for c in
-                   ("clips", "ok", "failed", "resumed", "no_face", "face_frames_missing", "no_audio",
+                   ("clips", "ok", "failed", "resumed", "redone", "no_face", "face_frames_missing", "no_audio",
                     "empty_text", "worker_restarts")},
         "seconds": {**{s: round(seconds.get(s, 0.0), 4) for s in STAGES},
                     **({"features": round(seconds["features"], 4)} if "features" in seconds else {}),
@@ -257,7 +394,8 @@ def _count_modalities(counts: Counter, n_frames: int, n_face: int, has_audio: bo
 def print_summary(summary: dict, file=sys.stdout) -> None:
     c, s = summary["counts"], summary["seconds"]
     print(f"extract {summary['chunk']} ({summary['mode']}, {summary['device']}): "
-          f"{c['ok']} ok, {c['failed']} failed of {c['clips']} clips ({c['resumed']} already done)", file=file)
+          f"{c['ok']} ok, {c['failed']} failed of {c['clips']} clips ({c['resumed']} already done"
+          f"{', ' + str(c['redone']) + ' damaged tar(s) redone' if c.get('redone') else ''})", file=file)
     print(f"  missing modalities: {c['no_face']} clips without any face "
           f"({c['face_frames_missing']} frames without face), {c['no_audio']} without audio, "
           f"{c['empty_text']} with empty text", file=file)

@@ -7,6 +7,12 @@ the clip it was working on is recorded as failed ("decoder crashed (signal ...)"
 fresh worker starts, and the run goes on. A clip that takes longer than `timeout_s`
 has its worker killed the same way.
 
+What is the machine's fault, not the clip's, is never recorded against the clip: an
+OSError writing the output (no space, permission, I/O error, read-only file system), or a
+worker stopped from outside (SIGTERM, SIGINT, SIGHUP). The result then says "transient" and
+the run stops; a rerun retries the clip. The worker dies with its parent (Linux:
+PR_SET_PDEATHSIG), so a killed run leaves no worker behind finishing a clip for nobody.
+
 Fault injection for tests: when MSAFLOW_FAULT_ABORT_ON names a media file (its base
 name), the worker calls os.abort() on that file, which is indistinguishable from a
 decoder crash for the parent process.
@@ -14,8 +20,10 @@ decoder crash for the parent process.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
+import sys
 import signal
 import time
 import traceback
@@ -29,7 +37,64 @@ FAULT_ENV = "MSAFLOW_FAULT_ABORT_ON"
 _WORKER = {}  # the worker process's ClipExtractor
 
 
-def _init_worker(cfg_json: str, device: str, threads: int, frontend_spec: str | None) -> None:
+# errors that are the machine's, whatever file they name (a clip cannot cause them)
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EROFS", "EIO", "EMFILE", "ENFILE", "ENOMEM", "ENOLCK", "ESTALE") if hasattr(errno, name))
+# a worker ended by one of these was stopped from outside (a scheduler, a user), not by its clip
+EXTERNAL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _inside(name, folder: Path) -> bool:
+    try:
+        return Path(os.path.abspath(os.fsdecode(name))).is_relative_to(Path(os.path.abspath(folder)))
+    except (TypeError, ValueError):
+        return False
+
+
+def environment_error(exc: BaseException, out_dir: Path) -> OSError | None:
+    """The OSError in `exc`'s chain that is the machine's fault, not the clip's: an errno of
+    ENVIRONMENT_ERRNOS, or any OSError on a path inside the output folder `out_dir` (except a
+    name too long: that comes from the clip's id)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            if exc.errno in ENVIRONMENT_ERRNOS:
+                return exc
+            if exc.errno != errno.ENAMETOOLONG and any(
+                    _inside(f, out_dir) for f in (exc.filename, exc.filename2) if f is not None):
+                return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'FILE: problem' (or the problem alone), on one line."""
+    problem = exc.strerror or str(exc) or type(exc).__name__
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{' -> '.join(names)}: {problem}" if names else problem
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: the kernel kills this process when its parent ends, however it ends."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent ended before the call above took effect
+        os._exit(1)
+
+
+def _init_worker(cfg_json: str, device: str, threads: int, frontend_spec: str | None,
+                 parent_pid: int | None = None) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the run and this worker
     _bounded_malloc()
     try:
         _build_extractor(cfg_json, device, threads, frontend_spec)
@@ -84,11 +149,16 @@ def _extract_in_worker(job_fields: dict, out_dir: str) -> dict:
     job = ClipJob(**job_fields)
     if os.environ.get(FAULT_ENV) and Path(job.path).name == os.environ[FAULT_ENV]:
         os.abort()
+    output = (Path(out_dir) / "clips").resolve().parent  # the output folder (out_dir may be a process's view)
     try:
         return {"ok": True, **_WORKER["extractor"].extract(job, Path(out_dir))}
     except DecodeError as exc:
+        if (env := environment_error(exc, output)) is not None:
+            return {"ok": False, "transient": describe_os_error(env)}
         return {"ok": False, "stage": exc.stage, "reason": exc.reason}
     except Exception as exc:  # a bug or an unexpected decoder error: this clip only
+        if (env := environment_error(exc, output)) is not None:
+            return {"ok": False, "transient": describe_os_error(env)}
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return {"ok": False, "stage": "extract",
                 "reason": f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"}
@@ -119,7 +189,7 @@ class IsolatedExtractor:
 
     def __init__(self, cfg, device: str, threads: int = 0, frontend_spec: str | None = None,
                  timeout_s: float | None = None):
-        self._initargs = (cfg.model_dump_json(), device, threads, frontend_spec)
+        self._initargs = (cfg.model_dump_json(), device, threads, frontend_spec, os.getpid())
         self._timeout = timeout_s
         self._pool: ProcessPoolExecutor | None = None
         self.restarts = 0
@@ -149,7 +219,8 @@ class IsolatedExtractor:
         return ", ".join(_describe_exit(p.exitcode) for p in procs) or "unknown exit"
 
     def extract(self, job, out_dir: Path) -> dict:
-        """The worker's result dict: {"ok": True, counts, seconds} or {"ok": False, stage, reason}."""
+        """The worker's result dict: {"ok": True, counts, seconds}, {"ok": False, stage, reason}
+        (the clip's fault) or {"ok": False, "transient": message} (the machine's: stop the run)."""
         future = self._start().submit(_extract_in_worker, asdict(job), str(out_dir))
         # the pool forgets a dead worker's process object when it notices the crash: hold on to
         # it now, to report how it ended
@@ -158,6 +229,9 @@ class IsolatedExtractor:
             return future.result(timeout=self._timeout)
         except BrokenProcessPool:
             how = self._discard(kill=False, procs=procs)
+            if any(p.exitcode is not None and -p.exitcode in EXTERNAL_SIGNALS for p in procs):
+                return {"ok": False, "transient": f"the extraction worker was stopped from outside ({how}) "
+                                                  f"while on {job.path}"}
             return {"ok": False, "stage": "worker", "reason": f"decoder crashed ({how}); worker restarted"}
         except FutureTimeout:
             self._discard(kill=True, procs=procs)
@@ -168,13 +242,33 @@ class IsolatedExtractor:
         """The worker's front-ends as `frontends.describe()` gives them (features mode)."""
         return self._start().submit(_describe_in_worker).result(timeout=self._timeout)
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._worker_processes() if p.pid is not None]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def kill(self) -> None:
+        """Stop the worker now (the run is stopping: its clip is not waited for)."""
+        if self._pool is None:
+            return
+        procs = self._worker_processes()
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+
     def __enter__(self) -> "IsolatedExtractor":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.kill()
