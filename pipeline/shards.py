@@ -32,7 +32,8 @@ from msaflow import __version__
 from msaflow.datasets.base import SPLITS
 from msaflow.extractors.audio import STEPS_PER_SECOND
 from msaflow.pipeline.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
-from msaflow.pipeline.tario import TarWriter, atomic_path, write_json_atomic
+from msaflow.pipeline.lock import output_lock
+from msaflow.pipeline.tario import TarWriter, atomic_path, check_tar, remove_stale_temp, write_json_atomic
 
 FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
 FBANK_RATE = float(STEPS_PER_SECOND)  # the 10 ms audio grid of fbank.npy / audio.npy / audio_mask.npy
@@ -131,7 +132,14 @@ def _npy_info(fileobj, name: str) -> MemberInfo:
 
 
 def read_clip(path: Path, key: str, clip_id: str) -> Clip:
-    """Read the headers of one clip tar (not its arrays) and check it against the contract."""
+    """Read the headers of one clip tar (not its arrays) and check it against the contract.
+
+    The whole tar index is checked first (`tario.check_tar`): a tar cut short, or a `.npy`
+    member shorter than its header says (an empty or cut face.npy), is not packed."""
+    try:
+        check_tar(path)
+    except ValueError as exc:
+        raise ClipError(f"damaged clip tar: {exc}") from exc
     sizes, arrays, meta = {}, {}, None
     try:
         with tarfile.open(path, "r") as tar:
@@ -234,8 +242,15 @@ class _ShardSequence:
         self._writer = TarWriter(self._ctx.__enter__())
 
     def _close(self) -> None:
-        self._writer.close()
-        self._ctx.__exit__(None, None, None)
+        writer, ctx = self._writer, self._ctx
+        self._ctx = self._writer = None
+        try:
+            writer.close()
+        except BaseException:
+            writer.discard()
+            if not ctx.__exit__(*sys.exc_info()):  # removes the temp file (re-raises naming the shard)
+                raise
+        ctx.__exit__(None, None, None)
         self.written.append({"name": self._final.name, "n_samples": self._n,
                              "sha256": sha256_file(self._final)})
         self._ctx = self._writer = None
@@ -248,8 +263,11 @@ class _ShardSequence:
 
     def abort(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
+            self._writer.discard()
+            try:
+                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
+            except RuntimeError:
+                pass
             self._ctx = self._writer = None
 
 
@@ -370,6 +388,7 @@ def _plan_split(split: str, rows: list[dict], extract_dir: Path, failures: list[
         except ClipError as exc:
             failures.append({"id": row["id"], "path": row["path"], "stage": "shards",
                              "reason": f"{tar_path}: {exc}"})
+            progress.write(f"msaflow shards: clip {row['id']} not packed: {tar_path}: {exc}", file=sys.stderr)
             result.failures += 1
             continue
         result.clips.append((key, clip))
@@ -404,8 +423,18 @@ def describe_frontends(spec: str) -> dict:
     return frontends.describe(frontends.build(spec))
 
 
-def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
-                 config_hash: str, frontends_spec: str | None = None) -> dict:
+def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig, config_hash: str,
+                 *args, **kwargs) -> dict:
+    """`_build_shards` holding the lock of `out_dir` (one writer per shard folder; LockError
+    when another process writes there). Temp files of dead processes are removed first."""
+    with output_lock(out_dir, f"msaflow shards {extract_dir} -o {out_dir}"):
+        for folder in (out_dir, *(out_dir / split for split in SPLITS)):
+            remove_stale_temp(folder)
+        return _build_shards(extract_dir, manifest, out_dir, cfg, config_hash, *args, **kwargs)
+
+
+def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
+                  config_hash: str, frontends_spec: str | None = None) -> dict:
     """Write shards, index.json per split, failures.csv and (last) summary.json; return the summary.
 
     `frontends_spec` (the extract config's `frontends`) describes the front-ends of features
