@@ -126,7 +126,10 @@ rule extract:
     input:
         manifest=rules.manifest.output[0],
     output:
-        f"{EXTRACT_DIR}/chunks/{{k}}-of-{N_CHUNKS}.json",
+        # temporary: deleted once the shards are built (the shards step also removes the clip tars it
+        # packed), so a run with nothing changed does nothing, and one that must rebuild the shards
+        # (new manifest, other settings) re-extracts the clips first instead of missing them
+        temp(f"{EXTRACT_DIR}/chunks/{{k}}-of-{N_CHUNKS}.json"),
     params:
         out=EXTRACT_DIR,
         n=N_CHUNKS,
@@ -168,8 +171,10 @@ rule shards:
         runtime=60,
     threads: 1
     shell:
+        # --remove-packed: the clip tars are deleted once every shard output is written, so the raw
+        # data is kept once; a rerun after a kill during the removal keeps the finished shards
         "msaflow shards {params.extract:q} --manifest {input.manifest:q} -o {params.out:q}"
-        " --config {params.config:q} > {log:q} 2>&1"
+        " --config {params.config:q} --remove-packed > {log:q} 2>&1"
 
 
 rule train:
