@@ -9,6 +9,7 @@ while memory stays bounded for long clips.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,27 @@ WINDOW = 400  # 25 ms
 STEPS_PER_SECOND = SAMPLE_RATE // HOP
 
 
-def decode_audio(path: str | Path, origin_s: float | None, start_s: float,
-                 end_s: float | None) -> np.ndarray | None:
-    """int16 mono 16 kHz samples of [start_s, end_s) on the msaflow clock, whose zero is at
-    container time `origin_s` (the first video frame; None: the audio stream's start).
-    `end_s` None means to the end of the stream. Returns None without an audio stream, and
-    an empty array when the stream has no samples inside the segment."""
+@dataclass(frozen=True)
+class AudioSegment:
+    """A segment's samples: int16 mono 16 kHz, on the segment's clock. `lead` leading samples are
+    zeros put there because the audio stream starts after the segment does (not audio)."""
+
+    wav: np.ndarray
+    lead: int = 0
+
+    @property
+    def n_real(self) -> int:
+        """Samples that hold audio (not lead padding)."""
+        return max(0, len(self.wav) - self.lead)
+
+
+def decode_audio_segment(path: str | Path, origin_s: float | None, start_s: float,
+                         end_s: float | None) -> AudioSegment | None:
+    """The samples of [start_s, end_s) on the msaflow clock, whose zero is at container time
+    `origin_s` (the first video frame; None: the audio stream's start). `end_s` None means to
+    the end of the stream. None without an audio stream; no samples when the stream has none
+    inside the segment. A stream that cannot be opened or decoded (damaged packets) raises
+    DecodeError with stream "audio"."""
     from torchcodec.decoders import AudioDecoder
 
     try:
@@ -34,9 +50,11 @@ def decode_audio(path: str | Path, origin_s: float | None, start_s: float,
     except ValueError as exc:  # torchcodec: "The best audio stream is unknown ..."
         if "audio stream" in str(exc):
             return None
-        raise DecodeError("decode_audio", f"cannot open the audio stream: {_first_line(exc)}") from exc
+        raise DecodeError("decode_audio", f"the audio stream cannot be opened: {_first_line(exc)}",
+                          stream="audio") from exc
     except RuntimeError as exc:
-        raise DecodeError("decode_audio", f"cannot open the audio stream: {_first_line(exc)}") from exc
+        raise DecodeError("decode_audio", f"the audio stream cannot be opened: {_first_line(exc)}",
+                          stream="audio") from exc
     meta = decoder.metadata
     stream_begin = float(meta.begin_stream_seconds_from_header or 0.0)
     origin = stream_begin if origin_s is None else origin_s
@@ -44,13 +62,14 @@ def decode_audio(path: str | Path, origin_s: float | None, start_s: float,
     hi = None if end_s is None else origin + end_s
     stream_end = stream_begin + float(meta.duration_seconds_from_header or float("inf"))
     if (hi is not None and hi <= stream_begin) or lo >= stream_end:
-        return np.zeros(0, np.int16)
+        return AudioSegment(np.zeros(0, np.int16))
     try:
         samples = decoder.get_samples_played_in_range(max(lo, stream_begin), hi)
     except RuntimeError as exc:
         if "No audio frames were decoded" in str(exc):  # segment after the stream's last sample
-            return np.zeros(0, np.int16)
-        raise DecodeError("decode_audio", f"cannot decode audio: {_first_line(exc)}") from exc
+            return AudioSegment(np.zeros(0, np.int16))
+        raise DecodeError("decode_audio", f"the audio stream is damaged: {_first_line(exc)}",
+                          stream="audio") from exc
     mono = samples.data.numpy().reshape(-1)
     wav = np.round(np.clip(mono, -1.0, 1.0) * 32767.0).astype(np.int16)
     lead = int(round((stream_begin - lo) * SAMPLE_RATE))
@@ -58,7 +77,15 @@ def decode_audio(path: str | Path, origin_s: float | None, start_s: float,
         wav = np.concatenate([np.zeros(lead, np.int16), wav])
     if end_s is not None:
         wav = wav[: int(round((end_s - start_s) * SAMPLE_RATE))]
-    return wav
+    return AudioSegment(wav, min(max(lead, 0), len(wav)))
+
+
+def decode_audio(path: str | Path, origin_s: float | None, start_s: float,
+                 end_s: float | None) -> np.ndarray | None:
+    """int16 mono 16 kHz samples of [start_s, end_s) (see decode_audio_segment); None without
+    an audio stream, an empty array when the stream has no samples inside the segment."""
+    segment = decode_audio_segment(path, origin_s, start_s, end_s)
+    return None if segment is None else segment.wav
 
 
 def fbank_steps(duration_s: float) -> int:
@@ -66,9 +93,11 @@ def fbank_steps(duration_s: float) -> int:
 
 
 def log_mel_fbank(wav: np.ndarray | None, n_steps: int, n_mels: int = 80,
-                  block_steps: int = 6000) -> tuple[np.ndarray, np.ndarray]:
+                  block_steps: int = 6000, first_sample: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(fbank float32 (n_steps, n_mels), mask bool (n_steps,)). A step is present when its
-    center lies inside the waveform; absent steps (and a clip without audio) are zeros."""
+    center lies inside the waveform's audio: at or after `first_sample` (the samples before it
+    are padding, e.g. audio that starts late) and before its end; absent steps (and a clip
+    without audio) are zeros."""
     import torch
     from torchaudio.compliance.kaldi import fbank
 
@@ -92,4 +121,8 @@ def log_mel_fbank(wav: np.ndarray | None, n_steps: int, n_mels: int = 80,
                       frame_shift=10.0, dither=0.0, snip_edges=True, window_type="povey")
         out[lo:hi] = feats.numpy()[: hi - lo]
     mask[:n_present] = True
+    if first_sample > 0:  # centers before the first real sample: padding, not audio
+        n_lead = min(n_present, max(0, (first_sample - HOP // 2 + HOP - 1) // HOP))  # centers < first_sample
+        out[:n_lead] = 0.0
+        mask[:n_lead] = False
     return out, mask

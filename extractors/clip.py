@@ -11,6 +11,7 @@ the file's end) runs in a child process meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections import defaultdict
@@ -59,17 +60,45 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - t0
 
 
-def _segment(job: ClipJob, info: video.VideoInfo | None, audio_s: float | None) -> tuple[float, float]:
-    """[start, end) in seconds: the manifest's, else the video stream (else the audio stream)."""
+# audio that goes on this much longer than the video (a still picture over speech) sets the end
+# of a whole-file clip and the media end that segment ends are clamped to
+AUDIO_BEYOND_VIDEO_S = 1.0
+# a segment end past the media end by at most this much is always clamped (CSVs rounded up to
+# the second), whatever max_duration_ratio says
+CLAMP_SLACK_S = 1.0
+
+
+def media_end(info: video.VideoInfo | None, audio_end: float | None) -> float:
+    """Where the media ends on the msaflow clock: the video's last picture, or the audio's end
+    when there is no video or the audio goes on more than AUDIO_BEYOND_VIDEO_S longer."""
+    if info is not None and (audio_end is None or audio_end - info.duration_s <= AUDIO_BEYOND_VIDEO_S):
+        return info.duration_s
+    return audio_end or 0.0
+
+
+def _segment(job: ClipJob, info: video.VideoInfo | None, audio_end: float | None,
+             max_ratio: float | None = None) -> tuple[float, float, dict | None]:
+    """([start, end) in seconds, a note when the end was clamped): the manifest's segment, else
+    the whole media (see media_end). An end past the media end is clamped to it; a segment that
+    declares more than `max_ratio` times what the media holds from its start is an error."""
+    last = media_end(info, audio_end)
     start = job.start if job.start is not None else 0.0
-    end = job.end if job.end is not None else (info.duration_s if info is not None else audio_s or 0.0)
+    end = job.end if job.end is not None else last
     if start < 0 or end <= start:
         raise DecodeError("segment", f"invalid segment [{start}, {end}) s")
-    media_end = max(info.duration_s if info is not None else 0.0, audio_s or 0.0)
-    if start >= media_end:
-        raise DecodeError("segment", f"segment [{start}, {end}) s starts after the media ends "
-                                     f"({media_end:.3f} s)")
-    return start, end
+    if start >= last:
+        raise DecodeError("segment", f"segment [{start}, {end}) s starts after the media ends ({last:.3f} s)")
+    note = None
+    if end > last + 1e-3:
+        declared, held = end - start, last - start
+        if max_ratio is not None and declared > max_ratio * held and end - last > CLAMP_SLACK_S:
+            raise DecodeError("segment", f"segment [{start:g}, {end:g}) s declares {declared:.3f} s, but the media "
+                                         f"holds {held:.3f} s from its start (it ends at {last:.3f} s): more than "
+                                         f"max_duration_ratio {max_ratio:g} times; check the segment's times and file")
+        note = {"kind": "segment_clamped",
+                "reason": f"segment end {end:g} s is past the end of the media ({last:.3f} s): clamped to it"}
+        end = last
+    return start, end, note
 
 
 class _NpyFrameWriter:
@@ -119,24 +148,65 @@ class ClipExtractor:
         scratch = out_dir / "tmp" / job.key
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        tail_check = None
+        tail_check = segment_check = None
+        notes: list[dict] = []  # what was wrong and dropped or changed (counted in the chunk summary)
         try:
             with timer("decode"):
-                reader, info = video.open_video(job.path)
+                reader, info, video_error, audio_error = None, None, None, None
+                try:
+                    reader, info = video.open_video(job.path, cfg.max_decode_side, cfg.max_duration_ratio)
+                except DecodeError as exc:
+                    if exc.stream != "video":
+                        raise
+                    video_error = exc  # the video alone is unusable: keep the audio, if any
                 tail_check = video.TailCheck(job.path, info) if info is not None else None  # runs meanwhile
                 start0 = job.start or 0.0
-                end0 = job.end if job.end is not None else (info.duration_s if info is not None else None)
-                wav = audio.decode_audio(job.path, info.begin_s if info is not None else None, start0, end0)
-            if info is None and wav is None:
+                try:
+                    track = audio.decode_audio_segment(job.path, info.begin_s if info is not None else None,
+                                                       start0, job.end)
+                except DecodeError as exc:
+                    if exc.stream != "audio":
+                        raise
+                    track, audio_error = None, exc  # the audio alone is unusable: keep the video
+            if info is None and track is None:
+                if video_error is not None and audio_error is not None:
+                    raise DecodeError(video_error.stage, f"{video_error.reason}; and {audio_error.reason}")
+                if video_error is not None or audio_error is not None:
+                    raise video_error or audio_error
                 raise DecodeError("open", "the file has neither a video nor an audio stream")
-            audio_s = start0 + len(wav) / audio.SAMPLE_RATE if wav is not None else None
-            start, end = _segment(job, info, audio_s)
+            for kind, error in (("video_unusable", video_error), ("audio_unusable", audio_error)):
+                if error is not None:
+                    notes.append({"kind": kind, "reason": error.reason})
+            audio_end = start0 + len(track.wav) / audio.SAMPLE_RATE if track is not None else None
+            start, end, clamped = _segment(job, info, audio_end, cfg.max_duration_ratio)
+            if clamped is not None:
+                notes.append(clamped)
             duration = end - start
             n_frames = video.n_output_frames(duration, cfg.fps)
+            wav, lead = None, 0
+            if track is not None:
+                wav = track.wav[: int(round(duration * audio.SAMPLE_RATE))]
+                lead = min(track.lead, len(wav))
+            if info is not None:
+                segment_check = video.SegmentCheck(job.path, info, start, end)  # runs meanwhile
+                if info.n_source_frames == 1 and end > info.duration_s:
+                    # a still picture over audio stays on screen to the end, as a player shows it
+                    info = dataclasses.replace(info, frame_ends=np.array([end], np.float64))
             faces, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
+            if tail_check is not None:
+                with timer("verify"):
+                    tail_check.result()  # a file cut short: a failure
+            if segment_check is not None:
+                with timer("verify"):
+                    damaged = segment_check.reason()
+                if damaged is not None:
+                    if wav is None or len(wav) <= lead:
+                        raise DecodeError("decode_video", damaged)
+                    notes.append({"kind": "video_unusable", "reason": damaged})
+                    faces, vision_mask = self._no_faces(n_frames, faces), np.zeros(n_frames, bool)
             with timer("fbank"):
                 n_steps = audio.fbank_steps(duration)
-                fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels)
+                fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels, first_sample=lead)
             with timer("text"):
                 from msaflow.extractors.text import tokenize
 
@@ -146,8 +216,8 @@ class ClipExtractor:
                 "label": job.label, "label_T": job.label_T, "label_A": job.label_A, "label_V": job.label_V,
                 "split": job.split, "start": start, "end": end, "duration": duration, "fps": cfg.fps,
                 "sample_rate": audio.SAMPLE_RATE, "n_frames": n_frames,
-                "n_face_frames": int(vision_mask.sum()), "has_audio": wav is not None and len(wav) > 0,
-                "has_text": bool(job.text.strip()), "mode": "raw",
+                "n_face_frames": int(vision_mask.sum()), "has_audio": wav is not None and len(wav) > lead,
+                "has_text": bool(job.text.strip()), "mode": "raw", "notes": notes,
             }
             members = {
                 "json": meta, "face.npy": faces, "vision_mask.npy": vision_mask,
@@ -159,9 +229,6 @@ class ClipExtractor:
                     from msaflow.extractors.frontends import raw_to_features
 
                     members = raw_to_features(members, self.frontends)
-            if tail_check is not None:
-                with timer("verify"):
-                    tail_check.result()
             with timer("write"):
                 from msaflow.pipeline.tario import write_sample_tar
 
@@ -171,12 +238,21 @@ class ClipExtractor:
                 tail_check.result()
             raise
         finally:
-            if tail_check is not None:
-                tail_check.cancel()  # a no-op once its result was read
+            for check in (tail_check, segment_check):
+                if check is not None:
+                    check.cancel()  # a no-op once its result was read
             shutil.rmtree(scratch, ignore_errors=True)
         return {"key": job.key, "n_frames": n_frames, "n_face_frames": meta["n_face_frames"],
-                "has_audio": meta["has_audio"], "has_text": meta["has_text"],
+                "has_audio": meta["has_audio"], "has_text": meta["has_text"], "notes": notes,
                 "seconds": dict(timer.seconds)}
+
+    def _no_faces(self, n_frames: int, faces):
+        """All-zero crops in the form `faces` has (an array, or the path of a long clip's .npy)."""
+        size = self.cfg.face_size
+        if isinstance(faces, Path):
+            _NpyFrameWriter(faces, n_frames, (size, size, 3)).close()
+            return faces
+        return np.zeros((n_frames, size, size, 3), np.uint8)
 
     def _faces(self, reader, info, start: float, n_frames: int, scratch: Path, timer: StageTimer):
         """(face crops (n_frames, S, S, 3): an array, or for a clip longer than one chunk the path
@@ -197,7 +273,7 @@ class ClipExtractor:
             face_out = scratch / "face.npy"
             crops = _NpyFrameWriter(face_out, n_frames, (size, size, 3))
 
-        boxes, marks, present = self.track(reader, indices, whole, timer)
+        boxes, marks, present = self.track(reader, indices, whole, timer, info.downscale)
         if whole is not None:
             chunks = iter([whole])
         else:
@@ -218,17 +294,23 @@ class ClipExtractor:
             crops.close()
         return face_out, present
 
-    def track(self, reader, indices: np.ndarray, whole, timer: StageTimer):
+    def track(self, reader, indices: np.ndarray, whole, timer: StageTimer, downscale: float = 1.0):
         """The main face per output frame: (boxes (n, 4), landmarks (n, 5, 2), present (n,)),
         by the rule of extractors/face.py. `indices`: source frame per output frame (-1: no
-        picture); `whole`: (positions, frames) when the clip was decoded in one chunk, else None."""
+        picture); `whole`: (positions, frames) when the clip was decoded in one chunk, else None;
+        `downscale`: decoded / stored frame size."""
         cfg, n_frames = self.cfg, len(indices)
         pictured = np.flatnonzero(indices >= 0)
+
+        # MTCNN sees frames at `detect_scale` of the stream's own size; frames decoded already
+        # downscaled (extractors/video.py) are shrunk only what remains of that, never enlarged
+        scale = min(1.0, cfg.detect_scale / downscale)
+        extra = () if scale == self.detector.scale else (scale,)
 
         def detect(positions: np.ndarray) -> list[face.FrameFaces]:
             if whole is not None:
                 with timer("detect"):
-                    return self.detector.detect(whole[1][np.searchsorted(whole[0], positions)], positions)
+                    return self.detector.detect(whole[1][np.searchsorted(whole[0], positions)], positions, *extra)
             sparse = np.full(n_frames, -1, np.int64)
             sparse[positions] = indices[positions]
             chunks, found = video.iter_frame_chunks(reader, sparse, cfg.chunk_frames), []
@@ -238,10 +320,9 @@ class ClipExtractor:
                 if item is None:
                     return found
                 with timer("detect"):
-                    found += self.detector.detect(item[1], item[0])
+                    found += self.detector.detect(item[1], item[0], *extra)
 
-        keyframes = face.detection_frames(n_frames, cfg.detect_every)
-        found = detect(keyframes[indices[keyframes] >= 0])
+        found = detect(face.keyframes(pictured, n_frames, cfg.detect_every))
         while cfg.refine_iou > 0:  # rule step 0 (extractors/face.py)
             halfway = face.frames_to_refine(found, pictured, cfg.refine_iou)
             if len(halfway) == 0:

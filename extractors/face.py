@@ -1,8 +1,8 @@
 """Faces: batched MTCNN detection, one face track per clip, eye-aligned square crops.
 
 Detection runs on frames downscaled by `detect_scale` (boxes and landmarks are mapped
-back to full resolution), first on every `detect_every`-th output frame plus the last one
-(the keyframes).
+back to the decoded frames' resolution), first on every `detect_every`-th output frame that
+shows a picture plus the first and last ones that do (the keyframes).
 
 Track rule (the main speaker), over the detection frames in time order:
 0. where two consecutive detection frames disagree (a different number of faces, or a face
@@ -97,6 +97,17 @@ def detection_frames(n_frames: int, every: int) -> np.ndarray:
     return np.union1d(picked, [n_frames - 1]).astype(np.int64)
 
 
+def keyframes(pictured: np.ndarray, n_frames: int, every: int) -> np.ndarray:
+    """The keyframes among the output frames that show a picture (`pictured`, ascending):
+    every `every`-th output frame that has one, and always the first and the last pictured
+    frame, so that detection covers the clip's real pictures to their end even when the
+    segment runs past the video's last frame (or starts before its first)."""
+    if len(pictured) == 0:
+        return np.zeros(0, np.int64)
+    picked = np.intersect1d(detection_frames(n_frames, every), pictured)
+    return np.union1d(picked, [pictured[0], pictured[-1]]).astype(np.int64)
+
+
 class FaceDetector:
     """facenet-pytorch MTCNN on batches of frames (GPU when `device` is one)."""
 
@@ -114,29 +125,36 @@ class FaceDetector:
         # 1.4-1.7x faster detection on CPU (vectorized pooling)
         self.mtcnn.to(memory_format=torch.channels_last)
 
-    def detect(self, frames: np.ndarray, frame_ids: np.ndarray) -> list[FrameFaces]:
-        """Faces in RGB uint8 frames (k, H, W, 3) of one clip, `batch_size` frames per MTCNN call."""
+    def detect(self, frames: np.ndarray, frame_ids: np.ndarray, scale: float | None = None) -> list[FrameFaces]:
+        """Faces in RGB uint8 frames (k, H, W, 3) of one clip, `batch_size` frames per MTCNN call.
+        `scale`: downscale for MTCNN instead of the detector's own (frames decoded already
+        downscaled are not shrunk again: see extractors/clip.py)."""
         found: list[FrameFaces] = []
         for lo in range(0, len(frames), self.batch_size):
-            found += self._detect_batch(frames[lo:lo + self.batch_size], frame_ids[lo:lo + self.batch_size])
+            found += self._detect_batch(frames[lo:lo + self.batch_size], frame_ids[lo:lo + self.batch_size],
+                                        self.scale if scale is None else scale)
         return found
 
     @torch.no_grad()
-    def _detect_batch(self, frames: np.ndarray, frame_ids: np.ndarray) -> list[FrameFaces]:
+    def _detect_batch(self, frames: np.ndarray, frame_ids: np.ndarray, scale: float) -> list[FrameFaces]:
         from facenet_pytorch.models.utils.detect_face import detect_face
 
-        batch = torch.from_numpy(np.require(frames, requirements="W")).to(self.device).permute(0, 3, 1, 2).float()
-        if self.scale != 1.0:
-            batch = F.interpolate(batch, scale_factor=self.scale, mode="bilinear", antialias=True,
-                                  align_corners=False)
         m = self.mtcnn
-        boxes, points = detect_face(batch.permute(0, 2, 3, 1), m.min_face_size, m.pnet, m.rnet,
+        min_face = m.min_face_size if scale == self.scale else max(12, int(round(self.min_size * scale)))
+        h, w = frames.shape[1:3]
+        if math.floor(min(h, w) * scale) < min_face:  # MTCNN's pyramid is empty: no face of min_size fits
+            return [FrameFaces(int(f), np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))) for f in frame_ids]
+        batch = torch.from_numpy(np.require(frames, requirements="W")).to(self.device).permute(0, 3, 1, 2).float()
+        if scale != 1.0:
+            batch = F.interpolate(batch, scale_factor=scale, mode="bilinear", antialias=True,
+                                  align_corners=False)
+        boxes, points = detect_face(batch.permute(0, 2, 3, 1), min_face, m.pnet, m.rnet,
                                     m.onet, m.thresholds, m.factor, self.device)
         found = []
         for frame, b, p in zip(frame_ids, boxes, points):
             b = np.asarray(b, np.float64).reshape(-1, 5)
             p = np.asarray(p, np.float64).reshape(-1, 5, 2)
-            box, prob, lm = b[:, :4] / self.scale, b[:, 4], p / self.scale
+            box, prob, lm = b[:, :4] / scale, b[:, 4], p / scale
             keep = (prob >= self.min_prob) & (np.minimum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]) >= self.min_size)
             found.append(FrameFaces(int(frame), box[keep], prob[keep], lm[keep]))
         return found

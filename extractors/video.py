@@ -10,10 +10,20 @@ source frame on screen at the middle of that interval (the frame whose [pts, nex
 contains it). That works the same for constant and variable frame rates, and repeats or
 skips source frames when the rates differ. Output frames that fall outside the decoded
 video (before its first or after its last frame) have no picture.
+
+Frames larger than `max_side` pixels on their longest side are downscaled while decoding
+(decord's scaler), so the memory of a batch of frames is bounded by pixels, not only by
+frames: a 4K clip decodes at the size of a 720-px one. Faces, crops and `min_face_size`
+are then in the pixels of the decoded frames.
+
+What is wrong with a stream (too small, a cover picture, timestamps that jump, damaged
+packets) is said in plain words; `DecodeError.stream` tells when only one stream is
+unusable, so that the clip can keep the other.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -26,26 +36,41 @@ import numpy as np
 
 
 class DecodeError(RuntimeError):
-    """The file (or one of its streams) cannot be decoded; `stage` says where it failed."""
+    """The file (or one of its streams) cannot be decoded; `stage` says where it failed.
 
-    def __init__(self, stage: str, reason: str):
+    `stream` is "video" or "audio" when only that stream is unusable (the file's other stream
+    may still be kept), None when the whole file is."""
+
+    def __init__(self, stage: str, reason: str, stream: str | None = None):
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
+        self.stream = stream
+
+
+MIN_VIDEO_SIDE = 49  # a picture of 48 px or less a side holds no face worth cropping (crops are 112 px)
+JUMP_SLACK_S = 1.0  # timestamps may overrun the frame count's duration by this much before they count as a jump
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    width: int
+    width: int  # of the decoded frames (after rotation and any downscaling)
     height: int
     n_source_frames: int
     begin_s: float  # container time of the first video frame (the msaflow time origin)
     frame_starts: np.ndarray  # (n,) seconds from the first frame, presentation order
     frame_ends: np.ndarray  # (n,)
+    source_width: int = 0  # of the stream as stored (after rotation); 0: as decoded
+    source_height: int = 0
 
     @property
     def duration_s(self) -> float:
         return float(self.frame_ends[-1]) if self.n_source_frames else 0.0
+
+    @property
+    def downscale(self) -> float:
+        """Decoded size / stored size (1.0 when frames are decoded at their own size)."""
+        return self.width / self.source_width if self.source_width else 1.0
 
 
 def _stream_begin(path: Path) -> float | None:
@@ -67,8 +92,40 @@ def _stream_begin(path: Path) -> float | None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    """What went wrong, in plain words: the decoder's first message line without its internals
+    (C++ source paths and line numbers, function names, clock stamps, memory addresses)."""
+    return plain_message(str(exc)) or type(exc).__name__
+
+
+# decoder messages that say nothing to a user, and what they mean for the file
+_KNOWN_MESSAGES = (
+    (re.compile(r"Failed to measure duration/frame-count due to broken metadata", re.I),
+     "the video stream has no usable frame count or duration (broken or missing metadata)"),
+    (re.compile(r"Check failed: from_size == to_size", re.I),
+     "the decoder returned frames of the wrong size for this picture format"),
+    (re.compile(r"Could not push packet to decoder", re.I), "invalid data in the stream (damaged packets)"),
+    (re.compile(r"No (?:audio|video) frames were decoded", re.I), "no frames could be decoded"),
+)
+_INTERNALS = (
+    re.compile(r"\[\d\d:\d\d:\d\d\]\s*"),  # decord's clock stamp
+    re.compile(r"(?:\w+,\s*)?(?:/[^\s,:]+)+\.(?:cc|cpp|cxx|c|h|hpp)[:,]\s*\d+[:,]?\s*"),  # [func, ]/src/x.cc:12:
+    re.compile(r"\s*@ 0x[0-9a-f]+"),  # ffmpeg's "[h264 @ 0x55d6...]"
+    re.compile(r"^ERROR opening: .*?, "),  # decord: "ERROR opening: <path>, <ffmpeg's reason>"
+)
+
+
+def plain_message(text: str) -> str:
+    """The first line of a decoder's message, in plain words (see _first_line)."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    for pattern, meaning in _KNOWN_MESSAGES:
+        if pattern.search(lines[0]):
+            return meaning
+    line = lines[0]
+    for pattern in _INTERNALS:
+        line = pattern.sub("", line)
+    return line.strip(" :,")[:300]
 
 
 TAIL_CHECK_S = 2.0  # decode this much of the stream's end to catch a file cut short
@@ -106,10 +163,7 @@ class TailCheck:
 
     def result(self) -> None:
         if self.process is not None:
-            _, stderr = self.process.communicate()
-            # ffmpeg tags lines with the decoder's memory address ("[mpeg4 @ 0x55d6...]"): drop
-            # it so that the reason recorded for a file is the same on every run
-            errors = [re.sub(r" @ 0x[0-9a-f]+\]", "]", line.strip()) for line in stderr.splitlines() if line.strip()]
+            errors = _ffprobe_errors(self.process)
             verdict = None
             if self.process.returncode != 0 or errors:
                 first = errors[0][:300] if errors else f"ffprobe exit code {self.process.returncode}"
@@ -128,16 +182,128 @@ class TailCheck:
             self.process = None
 
 
+def _ffprobe_errors(process: subprocess.Popen) -> list[str]:
+    _, stderr = process.communicate()
+    # ffmpeg tags lines with the decoder's memory address ("[mpeg4 @ 0x55d6...]"): drop
+    # it so that the reason recorded for a file is the same on every run
+    return [re.sub(r" @ 0x[0-9a-f]+\]", "]", line.strip()) for line in stderr.splitlines() if line.strip()]
+
+
+class SegmentCheck:
+    """Does the video stream decode without errors over the clip's segment? decord conceals
+    damaged packets (it shows neighbouring or broken pictures, silently), so ffprobe decodes
+    the segment's video in a child process while the clip is extracted; `reason()` waits for
+    it: None, or what is wrong. The caller marks the clip's vision missing for that reason.
+    (Audio needs no such check: torchcodec raises on damaged audio packets.)"""
+
+    def __init__(self, path: str | Path, info: VideoInfo, start_s: float, end_s: float):
+        ffprobe = shutil.which("ffprobe")
+        self.process, self._reason = None, None
+        if ffprobe is None:
+            return
+        lo, hi = info.begin_s + start_s, info.begin_s + end_s
+        interval = f"{lo:.3f}%{hi:.3f}" if start_s > 0 else f"%{hi:.3f}"
+        cmd = [ffprobe, "-v", "error", "-threads", "1", "-select_streams", "v:0", "-read_intervals", interval,
+               "-show_entries", "frame=pts", "-of", "csv=p=0", str(path)]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True, errors="replace")
+
+    def reason(self) -> str | None:
+        if self.process is not None:
+            errors = _ffprobe_errors(self.process)
+            if self.process.returncode != 0 or errors:
+                first = errors[0][:300] if errors else f"ffprobe exit code {self.process.returncode}"
+                self._reason = (f"the video stream is damaged inside the clip ({len(errors)} decoder error(s); "
+                                f"first: {first})")
+            self.process = None
+        return self._reason
+
+    def cancel(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.communicate()
+            self.process = None
+
+
 def check_intact(path: str | Path, info: VideoInfo) -> None:
     """Raise DecodeError when the file is cut short or its end is damaged (see TailCheck)."""
     TailCheck(path, info).result()
 
 
-def open_video(path: str | Path):
-    """(decord VideoReader, VideoInfo), or (None, None) for a file without a video stream.
+@dataclass(frozen=True)
+class StreamProbe:
+    """What ffprobe says about a file's streams (read once per file, cached)."""
+
+    video: dict | None  # the first video stream that is not an attached picture: width, height, rotation
+    cover_only: bool  # the file's only video streams are attached pictures (cover art)
+    has_audio: bool
+
+
+_probes: OrderedDict[tuple, StreamProbe | None] = OrderedDict()
+
+
+def probe_streams(path: str | Path) -> StreamProbe | None:
+    """The file's streams according to ffprobe; None when ffprobe cannot read the file (the
+    decoders then say why) or is not installed."""
+    stat = Path(path).stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _probes:
+        return _probes[key]
+    ffprobe = shutil.which("ffprobe")
+    result = None
+    if ffprobe is not None:
+        cmd = [ffprobe, "-v", "quiet", "-show_entries",
+               "stream=index,codec_type,width,height:stream_disposition=attached_pic:stream_side_data=rotation",
+               "-of", "json", str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        try:
+            streams = json.loads(done.stdout or "{}").get("streams", []) if done.returncode == 0 else None
+        except json.JSONDecodeError:
+            streams = None
+        if streams is not None:
+            videos = [st for st in streams if st.get("codec_type") == "video"]
+            real = [st for st in videos if not (st.get("disposition") or {}).get("attached_pic")]
+            video = None
+            if real:
+                st = real[0]
+                rotation = next((int(sd.get("rotation", 0)) for sd in st.get("side_data_list") or []
+                                 if "rotation" in sd), 0)
+                video = {"width": int(st.get("width") or 0), "height": int(st.get("height") or 0),
+                         "rotation": rotation}
+            result = StreamProbe(video=video, cover_only=bool(videos) and not real,
+                                 has_audio=any(st.get("codec_type") == "audio" for st in streams))
+    _probes[key] = result
+    while len(_probes) > 64:
+        _probes.popitem(last=False)
+    return result
+
+
+def decode_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """(width, height) to decode frames of `width` x `height` at, when the longest side exceeds
+    `max_side` (even numbers, aspect kept); None: decode at the stream's own size."""
+    if not max_side or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    return (max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2))
+
+
+def _reader(decord, path: Path, size: tuple[int, int] | None):
+    """A decord VideoReader and its first frame, decoded at `size` (None: the stream's own)."""
+    kwargs = {} if size is None else {"width": size[0], "height": size[1]}
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **kwargs)
+    first = reader[0].asnumpy() if len(reader) else None
+    return reader, first
+
+
+def open_video(path: str | Path, max_side: int | None = None, max_duration_ratio: float | None = None):
+    """(decord VideoReader, VideoInfo), or (None, None) for a file without a video stream (an
+    audio file whose only picture is its cover art counts as one).
 
     decord applies the display rotation stored in the container, and converts any pixel
-    format (grayscale included) to RGB.
+    format (grayscale included) to RGB. Frames whose longest side exceeds `max_side` are
+    downscaled while decoding. A stream that cannot give usable pictures (48 px or less,
+    frames the decoder cannot return, timestamps that jump far beyond what the frame count
+    spans: more than `max_duration_ratio` times) raises DecodeError with stream "video".
     """
     import torch  # noqa: F401  (must load before decord: decord first breaks torch's BLAS)
     import decord
@@ -147,23 +313,72 @@ def open_video(path: str | Path):
         raise DecodeError("open", "file not found")
     if path.stat().st_size == 0:
         raise DecodeError("open", "empty file (0 bytes)")
+    probe = probe_streams(path)
+    if probe is not None and probe.video is None:
+        return None, None  # no video stream, or only a cover picture: an audio file
     begin = _stream_begin(path)
     if begin is None:
         return None, None
+    stored = None
+    if probe is not None and probe.video["width"] and probe.video["height"]:
+        w, h = probe.video["width"], probe.video["height"]
+        stored = (h, w) if abs(probe.video["rotation"]) % 180 == 90 else (w, h)  # as displayed
+        if min(stored) < MIN_VIDEO_SIDE:
+            raise DecodeError("decode_video", f"the video is {stored[0]}x{stored[1]} pixels: too small to find a "
+                                              f"face in (at least {MIN_VIDEO_SIDE} pixels a side needed)",
+                              stream="video")
+    size = decode_size(*stored, max_side) if stored is not None else None
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        reader, first = _reader(decord, path, size)
         n = len(reader)
+        if first is not None and first.shape[2] != 3:
+            # decord returns mis-shaped pictures at some frame sizes (96x96, 144x144, ...):
+            # decoding through its scaler at a size 2 px larger gives proper RGB
+            height, width = first.shape[:2]
+            size = size or (width, height)
+            size = (size[0] + 2, int(round(size[1] * (size[0] + 2) / size[0] / 2)) * 2)
+            reader, first = _reader(decord, path, size)
+            if first.shape[2] != 3:
+                raise DecodeError("decode_video", f"frames of {width}x{height} pixels cannot be decoded to RGB; "
+                                                  f"re-encode the video at another size", stream="video")
         stamps = reader.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
-        height, width = reader[0].shape[:2] if n else (0, 0)
+        height, width = first.shape[:2] if n else (0, 0)
         reader.seek(0)
+    except DecodeError:
+        raise
     except Exception as exc:  # decord raises DECORDError / RuntimeError with the reason
-        raise DecodeError("decode_video", f"decord cannot open the video: {_first_line(exc)}") from exc
+        raise DecodeError("decode_video", f"the video stream cannot be decoded: {_first_line(exc)}",
+                          stream="video") from exc
     if n == 0:
-        raise DecodeError("decode_video", "video stream has no frames")
+        raise DecodeError("decode_video", "the video stream has no frames", stream="video")
     stamps = np.asarray(stamps, dtype=np.float64)
+    if max_duration_ratio is not None:
+        _check_timestamps(stamps, max_duration_ratio)
+    source = stored if stored is not None and size is not None else (0, 0)
     info = VideoInfo(width=int(width), height=int(height), n_source_frames=n, begin_s=begin,
-                     frame_starts=stamps[:, 0], frame_ends=stamps[:, 1])
+                     frame_starts=stamps[:, 0], frame_ends=stamps[:, 1],
+                     source_width=source[0], source_height=source[1])
     return reader, info
+
+
+def _check_timestamps(stamps: np.ndarray, max_ratio: float) -> None:
+    """A stream whose timestamps span far more than its frames do at their frame rate (a jump:
+    75 frames of a 3-s file stamped over 603 s) would become a huge clip of held pictures."""
+    n = len(stamps)
+    if n < 2:
+        return
+    steps = np.diff(stamps[:, 0])
+    typical = float(np.median(steps))
+    if typical <= 0:
+        return
+    counted = n * typical  # what the frames last at the stream's usual frame interval
+    span = float(stamps[-1, 1] - stamps[0, 0])
+    if span > max_ratio * counted and span - counted > JUMP_SLACK_S:
+        at = int(np.argmax(steps))
+        raise DecodeError("decode_video", f"the video's timestamps jump by {steps[at]:.1f} s after {stamps[at, 0]:.2f} s: "
+                                          f"{n} frames span {span:.1f} s, but {counted:.1f} s at their frame rate "
+                                          f"(more than max_duration_ratio {max_ratio:g} times); remux or re-encode "
+                                          f"the file with corrected timestamps", stream="video")
 
 
 def n_output_frames(duration_s: float, fps: float) -> int:
@@ -196,6 +411,6 @@ def iter_frame_chunks(reader, indices: np.ndarray, chunk_frames: int) -> Iterato
             reader.seek(0)
         except Exception as exc:
             raise DecodeError(
-                "decode_video", f"cannot decode source frames {int(unique[0])}-{int(unique[-1])}: "
-                f"{_first_line(exc)}") from exc
+                "decode_video", f"the video stream cannot be decoded (source frames {int(unique[0])}-"
+                f"{int(unique[-1])}): {_first_line(exc)}", stream="video") from exc
         yield positions, frames[inverse]

@@ -60,6 +60,12 @@ class ExtractConfig(BaseModel):
     track_iou: float = Field(0.3, gt=0, le=1, description="min IoU to link a box to a track")
     fill_gap_s: float = Field(0.5, ge=0, description="interpolate the track over gaps up to this long")
     chunk_frames: int = Field(128, ge=1, description="frames decoded at a time (bounds memory)")
+    max_decode_side: int | None = Field(720, ge=64, description="frames whose longest side is larger are "
+                                        "downscaled to it while decoding (bounds memory by pixels); null = never")
+    max_duration_ratio: float | None = Field(2.0, gt=1, description="a segment declaring more than this times what "
+                                             "the media holds from its start is a failure; video timestamps spanning "
+                                             "more than this times what its frames last make the video unusable (the "
+                                             "audio is kept); null = never")
     text_model: str = Field("minilm", description="tokenizer: 'minilm' or a local HF model folder")
     text_max_len: int = Field(50, ge=2)
     clip_timeout_s: float | None = Field(1800.0, gt=0, description="kill a worker stuck on one clip")
@@ -320,6 +326,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
     counts: Counter = Counter(clips=len(jobs) + len(bad_rows), failed=len(bad_rows))
     seconds: dict[str, float] = defaultdict(float)
     failures = [{x: b[x] for x in ("id", "path", "stage", "reason")} for b in bad_rows]
+    warnings: list[dict] = []  # kept clips with a modality dropped or a segment clamped
     todo = []
     for job in jobs:
         tar, fail = clips_dir / f"{job.key}.tar", fail_dir / f"{job.key}.json"
@@ -329,6 +336,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
         if meta is not None:
             counts.update(ok=1, resumed=1)
             _count_modalities(counts, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"])
+            _count_notes(counts, warnings, job, meta.get("notes", []))
         elif fail.exists():
             counts.update(failed=1, resumed=1)
             failures.append(json.loads(fail.read_text(encoding="utf-8")))
@@ -356,6 +364,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
                     counts.update(ok=1)
                     _count_modalities(counts, result["n_frames"], result["n_face_frames"],
                                       result["has_audio"], result["has_text"])
+                    _count_notes(counts, warnings, job, result.get("notes", []))
                     for stage, s in result["seconds"].items():
                         seconds[stage] += s
                 else:
@@ -371,11 +380,12 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
         "chunk": f"{k}/{n}", "mode": cfg.mode, "device": device,
         "counts": {c: int(counts.get(c, 0)) for c in
                    ("clips", "ok", "failed", "resumed", "redone", "no_face", "face_frames_missing", "no_audio",
-                    "empty_text", "worker_restarts")},
+                    "empty_text", "segment_clamped", "video_unusable", "audio_unusable", "worker_restarts")},
         "seconds": {**{s: round(seconds.get(s, 0.0), 4) for s in STAGES},
                     **({"features": round(seconds["features"], 4)} if "features" in seconds else {}),
                     "wall": round(time.perf_counter() - t0, 4)},
         "failures": failures,
+        "warnings": warnings,
         "config": cfg.model_dump(mode="json"),
     }
     if frontends_info is not None:
@@ -391,6 +401,13 @@ def _count_modalities(counts: Counter, n_frames: int, n_face: int, has_audio: bo
     counts["empty_text"] += not has_text
 
 
+def _count_notes(counts: Counter, warnings: list[dict], job, notes: list[dict]) -> None:
+    """A kept clip's notes (extractors/clip.py: segment_clamped, video_unusable, audio_unusable)."""
+    for note in notes:
+        counts[note["kind"]] += 1
+        warnings.append({"id": job.id, "path": job.path, "kind": note["kind"], "reason": note["reason"]})
+
+
 def print_summary(summary: dict, file=sys.stdout) -> None:
     c, s = summary["counts"], summary["seconds"]
     print(f"extract {summary['chunk']} ({summary['mode']}, {summary['device']}): "
@@ -402,6 +419,8 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()), file=file)
     for f in summary["failures"]:
         print(f"  FAILED {f['id']} ({f['path']}): [{f['stage']}] {f['reason']}", file=file)
+    for w in summary.get("warnings", []):
+        print(f"  WARNING {w['id']} ({w['path']}): [{w['kind']}] {w['reason']}", file=file)
 
 
 def main(args: argparse.Namespace) -> int:

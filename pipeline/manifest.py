@@ -9,6 +9,7 @@ command then exits with status 2 and writes nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from collections import Counter, defaultdict
@@ -34,9 +35,21 @@ VIDEO_EXTENSIONS = (".mp4", ".mpg", ".mpeg", ".avi", ".mov", ".mkv", ".webm", ".
                     ".wmv", ".ts", ".3gp")
 
 
+MAX_KEY_LENGTH = 64  # tar members are <key>.<member>: USTAR names hold 100 bytes; files <key>.tar + temp suffixes
+KEY_HASH_LENGTH = 8
+
+
 def sanitize_key(clip_id: str) -> str:
-    """WebDataset key of a clip: every character outside [A-Za-z0-9_-] becomes `_`."""
-    return _KEY_UNSAFE.sub("_", clip_id)
+    """WebDataset key of a clip, and the name of its output files: every character outside
+    [A-Za-z0-9_-] becomes `_`. A key longer than MAX_KEY_LENGTH keeps a readable prefix and
+    ends with `-` + 8 hex digits of the SHA-1 of the whole id, so that tar member names
+    (`<key>.vision_mask.npy`) fit the 100 bytes of a USTAR name, output file names stay far
+    below the file system's 255-byte limit, and different long ids keep different keys."""
+    key = _KEY_UNSAFE.sub("_", clip_id)
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    digest = hashlib.sha1(clip_id.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_HASH_LENGTH]
+    return f"{key[:MAX_KEY_LENGTH - KEY_HASH_LENGTH - 1]}-{digest}"
 
 
 class ManifestConfig(BaseModel):
