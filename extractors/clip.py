@@ -168,6 +168,8 @@ class ClipExtractor:
                     if exc.stream != "audio":
                         raise
                     track, audio_error = None, exc  # the audio alone is unusable: keep the video
+            if info is None and video_error is not None and track is not None and track.n_real == 0:
+                raise video_error  # the video is unusable and the audio holds nothing in the segment
             if info is None and track is None:
                 if video_error is not None and audio_error is not None:
                     raise DecodeError(video_error.stage, f"{video_error.reason}; and {audio_error.reason}")
@@ -192,18 +194,24 @@ class ClipExtractor:
                 if info.n_source_frames == 1 and end > info.duration_s:
                     # a still picture over audio stays on screen to the end, as a player shows it
                     info = dataclasses.replace(info, frame_ends=np.array([end], np.float64))
-            faces, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
+            damaged = None
+            try:
+                faces, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
+            except DecodeError as exc:  # decord failed on the frames: the video alone is unusable
+                if exc.stream != "video":
+                    raise
+                damaged, faces = exc.reason, scratch / "face.npy"
             if tail_check is not None:
                 with timer("verify"):
                     tail_check.result()  # a file cut short: a failure
             if segment_check is not None:
                 with timer("verify"):
-                    damaged = segment_check.reason()
-                if damaged is not None:
-                    if wav is None or len(wav) <= lead:
-                        raise DecodeError("decode_video", damaged)
-                    notes.append({"kind": "video_unusable", "reason": damaged})
-                    faces, vision_mask = self._no_faces(n_frames, faces), np.zeros(n_frames, bool)
+                    damaged = segment_check.reason() or damaged
+            if damaged is not None:
+                if wav is None or len(wav) <= lead:
+                    raise DecodeError("decode_video", damaged)
+                notes.append({"kind": "video_unusable", "reason": damaged})
+                faces, vision_mask = self._no_faces(n_frames, faces), np.zeros(n_frames, bool)
             with timer("fbank"):
                 n_steps = audio.fbank_steps(duration)
                 fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels, first_sample=lead)
