@@ -69,9 +69,10 @@ def environment_error(exc: BaseException, out_dir: Path) -> OSError | None:
 
 
 def describe_os_error(exc: OSError) -> str:
-    """'FILE: problem' (or the problem alone), on one line."""
+    """'FILE: problem' (or the problem alone), on one line; FILE with links resolved (the worker
+    writes through its process folder: the message names the file in the output folder)."""
     problem = exc.strerror or str(exc) or type(exc).__name__
-    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None]
+    names = [os.path.realpath(os.fsdecode(f)) for f in (exc.filename, exc.filename2) if f is not None]
     return f"{' -> '.join(names)}: {problem}" if names else problem
 
 
@@ -232,6 +233,10 @@ class IsolatedExtractor:
             if any(p.exitcode is not None and -p.exitcode in EXTERNAL_SIGNALS for p in procs):
                 return {"ok": False, "transient": f"the extraction worker was stopped from outside ({how}) "
                                                   f"while on {job.path}"}
+            if any(p.exitcode == -signal.SIGKILL for p in procs):  # most often the kernel's out-of-memory killer
+                return {"ok": False, "stage": "worker",
+                        "reason": f"worker killed ({how}: out of memory, or killed by hand); worker restarted "
+                                  f"(remove this failure record to retry the clip)"}
             return {"ok": False, "stage": "worker", "reason": f"decoder crashed ({how}); worker restarted"}
         except FutureTimeout:
             self._discard(kill=True, procs=procs)
