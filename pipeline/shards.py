@@ -262,13 +262,13 @@ class _ShardSequence:
         return self.written
 
     def abort(self) -> None:
+        """Drop the shard being written (called while handling the error that stops the split)."""
         if self._writer is not None:
             self._writer.discard()
-            try:
-                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temp file
-            except RuntimeError:
-                pass
-            self._ctx = self._writer = None
+            ctx, self._ctx, self._writer = self._ctx, None, None
+            exc = sys.exc_info()
+            # removes the temp file; an OSError of a write comes back naming the shard
+            ctx.__exit__(*exc) if exc[0] is not None else ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def manifest_rows(path: Path) -> list[dict]:
