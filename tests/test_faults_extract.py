@@ -439,6 +439,7 @@ def test_kill_9_of_the_parent_leaves_no_process_and_a_rerun_gives_the_same_shard
     proc.communicate(timeout=60)
     assert _wait_gone(marker) == [], "the worker dies with its parent"
     assert _leftovers(out), "a killed run leaves its lock and scratch folder behind"
+    assert (out / "tmp" / f"{proc.pid}@{host_name()}").is_dir(), "scratch files live in a folder of the process"
     # a process killed in the middle of a tar write leaves its temp file behind too
     subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal
