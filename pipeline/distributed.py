@@ -3,15 +3,9 @@
 `torchrun --nproc-per-node N ...` starts N processes with RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT set. `init_distributed()` reads them and joins the process
 group (NCCL on GPUs, Gloo on CPU); started without them (plain `python`), it returns a
-one-process context and creates no group, so the same training code runs either way:
-
-    with distributed() as ctx:
-        seed_everything(seed, ctx.rank)
-        model = wrap_model(build(...).to(ctx.device), ctx)
-        loader = make_loader(..., rank=ctx.rank, world_size=ctx.world_size)
-        for batch in loader:
-            loss = weighted_mean(per_sample_loss, batch["weight"])
-            ...
+one-process context and creates no group, so `msaflow train` runs the same code either
+way: the model wrapped by `wrap_model`, each rank reading its own share of the data
+(`msaflow.pipeline.data`), validation sums added with `all_reduce_sum`.
 
 Every helper is a no-op (or the identity) in a one-process run.
 """
@@ -19,13 +13,10 @@ Every helper is a no-op (or the identity) in a one-process run.
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -105,31 +96,8 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-@contextmanager
-def distributed(device: str = "auto") -> Iterator[DistContext]:
-    """`init_distributed` for the block's duration; the group is destroyed even on errors."""
-    ctx = init_distributed(device)
-    try:
-        yield ctx
-    finally:
-        cleanup()
-
-
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if _active() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if _active() else 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a one-process run): the process that logs and writes files."""
-    return get_rank() == 0
 
 
 def barrier() -> None:
@@ -151,12 +119,6 @@ def all_reduce_sum(value: torch.Tensor | float) -> torch.Tensor | float:
     return float(all_reduce_sum(torch.tensor(float(value), dtype=torch.float64, device=device)))
 
 
-def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor | float:
-    """Mean over ranks (e.g. of a logged loss)."""
-    total = all_reduce_sum(value)
-    return total / get_world_size()
-
-
 def gather_objects(obj) -> list:
     """Every rank's `obj` (picklable; e.g. predictions with ids), in rank order, on every rank."""
     if not _active():
@@ -164,32 +126,6 @@ def gather_objects(obj) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the global weighted mean of a per-sample loss.
-
-    Scaled so that DDP's averaging of gradients over ranks yields exactly the gradient of
-    sum_all(w * l) / sum_all(w) over the global batch, whatever each rank holds: uneven last
-    batches and the loader's weight-0 padding are handled. Equals the plain weighted mean
-    in a one-process run.
-    """
-    weight = weight.to(per_sample.dtype)
-    total_weight = all_reduce_sum(weight.detach().sum())
-    return (per_sample * weight).sum() * get_world_size() / total_weight.clamp(min=torch.finfo(per_sample.dtype).tiny)
-
-
-def seed_everything(seed: int, rank: int | None = None) -> int:
-    """Seed Python, NumPy and torch with seed + rank (per-rank dropout and corruption draws).
-
-    Model weights still start equal on every rank: DDP copies rank 0's at wrap time.
-    Returns the seed used.
-    """
-    used = seed + (get_rank() if rank is None else rank)
-    random.seed(used)
-    np.random.seed(used % 2**32)
-    torch.manual_seed(used)
-    return used
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, *, find_unused_parameters: bool = False) -> nn.Module:
@@ -202,11 +138,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, find_unused_parameters: bo
         return model
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (what checkpoints save), or the model itself."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

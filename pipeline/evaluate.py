@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +28,8 @@ from msaflow.model.config import ModelConfig
 from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
-from msaflow.pipeline.mmsa_pickle import Split, iterate_batches, limit_splits
+from msaflow.pipeline.data import DataError, Normaliser, PickleSource, keep_real, open_source
 from msaflow.pipeline.distributed import to_device
-from msaflow.pipeline.shard_splits import load_splits
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
 DEFAULT_GRID = "0.0:1.0:0.1"
@@ -50,37 +51,49 @@ def rate_key(rate: float) -> str:
 
 
 @torch.no_grad()
-def predict(model, split: Split, *, corruption: str = "missing", level: float = 0.0, mask_seed: int = 0,
-            batch_size: int = 64, unk_id: int = 100, text_cache=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Predictions of `model` (eval mode) on `split` corrupted at `level` with fixed per-sample masks.
+def predict(model, batches: Iterable[dict], *, split_name: str = "test", corruption: str = "missing",
+            level: float = 0.0, mask_seed: int = 0, unk_id: int = 100, text_cache=None
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Predictions of `model` (eval mode) on a split's batches corrupted at `level` with fixed
+    per-sample masks (keyed by sample id, so batch order and size do not matter).
 
     `text_cache` (frozen-encoder mode): text states come from the cache at the same masks.
     """
     model.eval()
     preds, labels, extras = [], [], defaultdict(float)
-    for batch in iterate_batches(split, batch_size):
+    n = 0
+    for batch in map(keep_real, batches):
+        if not batch["id"]:
+            continue
+        n += len(batch["id"])
         if corruption == "missing" and hasattr(model, "simulate_missing"):  # end-to-end: drops front-end outputs
             view = model.simulate_missing(batch, level, unk_id=unk_id, seed=mask_seed)
         else:
             view = corrupt(batch, corruption, level, unk_id=unk_id, seed=mask_seed)
         if text_cache is not None:
-            view = text_cache.attach(view, split.name, level if corruption == "missing" else 0.0)
+            view = text_cache.attach(view, split_name, level if corruption == "missing" else 0.0)
         device = next(model.parameters()).device
         out = model(to_device(view, device))
         preds.append(out["pred"].float().cpu().numpy())
         labels.append(batch["label"].numpy())
         if "expensive_share" in out:  # dynamic-routing models report their compute use
             extras["expensive_share"] += float(out["expensive_share"]) * len(batch["id"])
-    extras = {k: v / len(split) for k, v in extras.items()}
-    return np.concatenate(preds), np.concatenate(labels), extras
+    if not n:
+        raise ValueError(f"split {split_name!r} is empty: nothing to score")
+    extras = {k: v / n for k, v in extras.items()}
+    labels = np.concatenate(labels)
+    if np.isnan(labels).any():
+        raise ValueError(f"split {split_name!r}: unlabeled samples cannot be scored")
+    return np.concatenate(preds), labels, extras
 
 
-def score(model, split: Split, rates: list[float], *, corruption: str, mask_seed: int, dataset: str,
-          unk_id: int, text_cache=None) -> dict:
+def score(model, make_batches: Callable[[], Iterable[dict]], rates: list[float], *, corruption: str, mask_seed: int,
+          dataset: str, unk_id: int, text_cache=None) -> dict:
+    """Metrics at every rate; `make_batches()` gives a fresh pass over the test split each time."""
     per_rate = {}
     for r in rates:
-        pred, label, extras = predict(model, split, corruption=corruption, level=r, mask_seed=mask_seed, unk_id=unk_id,
-                                      text_cache=text_cache)
+        pred, label, extras = predict(model, make_batches(), corruption=corruption, level=r, mask_seed=mask_seed,
+                                      unk_id=unk_id, text_cache=text_cache)
         per_rate[rate_key(r)] = {**compute_metrics(pred, label, dataset=dataset), **extras}
     return per_rate
 
@@ -97,19 +110,42 @@ def load_run(run_dir: str | Path) -> tuple[dict, "torch.nn.Module"]:
     return run, model
 
 
-def run_metrics(run_dir: Path, splits: dict[str, Split], rates: list[float], corruption: str) -> dict:
+def same_data(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def run_source(run: dict, data: Path, run_dir: Path):
+    """(data source, normaliser) for scoring a run on `data`: the run's own length caps and statistics."""
+    from msaflow.pipeline.lengths import LengthConfig
+
+    source = open_source(data, LengthConfig.model_validate(run.get("lengths") or {}), limit=run.get("limit", 0),
+                         bucket=run.get("bucket", 8))
+    if not run.get("zscore") or source.mode != "features":
+        return source, Normaliser()
+    if isinstance(source, PickleSource):  # small, read whole: the statistics come with it
+        return source, source.fit_normaliser()
+    return source, Normaliser.load(run_dir)
+
+
+def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str) -> tuple[dict, int]:
+    """({rate: metrics}, n_test) of one run scored on `data`."""
+    run = json.loads((run_dir / "config.json").read_text())
     saved = run_dir / "metrics.json"  # written by `msaflow train` at the end: reuse, the test set stays touched once
-    if corruption == "missing" and saved.is_file():
-        per_rate = json.loads(saved.read_text())["rates"]
-        if all(rate_key(r) in per_rate for r in rates):
-            return {rate_key(r): per_rate[rate_key(r)] for r in rates}
+    if corruption == "missing" and saved.is_file() and same_data(run["data"], data):
+        metrics = json.loads(saved.read_text())
+        if all(rate_key(r) in metrics["rates"] for r in rates):
+            return {rate_key(r): metrics["rates"][rate_key(r)] for r in rates}, metrics["n_test"]
     run, model = load_run(run_dir)
+    source, normalise = run_source(run, data, run_dir)
+    splits = source.splits if isinstance(source, PickleSource) else None
     cache = run_text_cache(run, splits, [("test", r) for r in rates] if corruption == "missing" else [("test", 0.0)])
-    return score(model, splits["test"], rates, corruption=corruption, mask_seed=run["mask_seed"],
-                 dataset=run["dataset"], unk_id=run["model_config"]["unk_id"], text_cache=cache)
+    per_rate = score(model, lambda: (normalise(b) for b in source.batches("test", source.eval_batch_size)), rates,
+                     corruption=corruption, mask_seed=run["mask_seed"], dataset=run["dataset"],
+                     unk_id=run["model_config"]["unk_id"], text_cache=cache)
+    return per_rate, source.size("test")
 
 
-def run_text_cache(run: dict, splits: dict[str, Split], needed: list[tuple[str, float]]):
+def run_text_cache(run: dict, splits: dict | None, needed: list[tuple[str, float]]):
     """The run's frozen text-state cache with the `needed` (split, rate) files built, or None."""
     if not run.get("text_cache"):
         return None
@@ -183,8 +219,7 @@ def main(args: argparse.Namespace) -> int:
     for key in ("zscore", "limit"):
         if len({r.get(key) for r in runs}) != 1:
             raise SystemExit(f"runs disagree on {key!r}; evaluate them separately")
-    splits = limit_splits(load_splits(args.data, zscore=runs[0]["zscore"]), runs[0].get("limit", 0))
-    results = []
+    results, n_test = [], set()
     for run_dir, run in zip(args.runs, runs):
         if args.rates:
             rates = parse_rates(args.rates)
@@ -193,10 +228,16 @@ def main(args: argparse.Namespace) -> int:
         else:
             rates = parse_rates(DEFAULT_GRID)
         print(f"{run_dir}: {run['model']} seed {run['seed']} at {args.corruption} {rates}", flush=True)
-        results.append((run, run_metrics(Path(run_dir), splits, rates, args.corruption)))
+        try:
+            per_rate, n = run_metrics(Path(run_dir), args.data, rates, args.corruption)
+        except DataError as exc:
+            print(f"msaflow evaluate: error: {exc}", file=sys.stderr)
+            return 2
+        results.append((run, per_rate))
+        n_test.add(n)
     metrics = combine(results)
     metrics.update({
-        "n_test": len(splits["test"]),
+        "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test),
         "corruption": args.corruption,
         "models": sorted({r["model"] for r in runs}),
         "protocols": sorted({r["protocol"] for r in runs}),

@@ -18,6 +18,11 @@ all ranks x workers:
 4. With `shuffle`, each worker passes its samples through a seeded shuffle buffer
    (seed, epoch, rank, worker) before cutting batches.
 
+5. Optional per-sample `transform` (length control, `msaflow.pipeline.lengths`) right after
+   decoding, and length bucketing: `bucket` consecutive batches of a worker are filled from
+   their samples sorted by length (and, when shuffling, run in a seeded order), so padding
+   stays small while the buffer stays bounded.
+
 Samples are split, not shards, so fewer shards than ranks x workers is fine. Each worker
 reads its shards front to back, seeking over the samples it does not own. Every shard a
 worker opens is checked whole (sample count against `index.json`, member sets, member
@@ -32,8 +37,8 @@ import json
 import math
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +111,8 @@ DEFAULT_SHUFFLE_BUFFER = {"features": 1000, "raw": 128}
 @dataclass(frozen=True)
 class ShardEntry:
     path: Path
-    n_samples: int
+    n_samples: int  # samples used from this shard
+    n_stored: int | None = None  # samples the file holds, when more than are used (`SplitIndex.limited`)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class SplitIndex:
     shards: tuple[ShardEntry, ...]
     members: tuple[str, ...]  # the .npy members every sample holds, in MEMBER_SPECS order
     shapes: dict[str, tuple[int | None, ...]] = field(default_factory=dict)
+    rates: dict[str, float | None] = field(default_factory=dict)  # steps per second of each member
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -166,7 +173,20 @@ class SplitIndex:
         for m, shape in shapes.items():
             if shape and len(shape) != MEMBER_SPECS[m].ndim:
                 raise ShardError(f"{path}: {m} shape {list(shape)} should have {MEMBER_SPECS[m].ndim} axes")
-        return cls(raw.get("split", split_dir.name), mode, n_samples, shards, members, shapes)
+        rates = {m: names[m].get("rate") for m in members}
+        return cls(raw.get("split", split_dir.name), mode, n_samples, shards, members, shapes, rates)
+
+    def limited(self, n: int) -> "SplitIndex":
+        """The first n samples only (smoke tests); n <= 0 keeps everything."""
+        if n <= 0 or n >= self.n_samples:
+            return self
+        shards, left = [], n
+        for s in self.shards:
+            if left <= 0:
+                break
+            shards.append(ShardEntry(s.path, min(s.n_samples, left), s.n_samples))
+            left -= s.n_samples
+        return replace(self, n_samples=n, shards=tuple(shards))
 
 
 # ---------------------------------------------------------------------------- epoch plan
@@ -352,8 +372,9 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
             _check_end_of_archive(path, tar.fileobj, tar.offset, offset)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardError(f"{path}: truncated or corrupt shard ({exc})") from exc
-    if offset + 1 != entry.n_samples:
-        raise ShardError(f"{path}: holds {offset + 1} samples, index.json says {entry.n_samples} "
+    stored = entry.n_stored or entry.n_samples
+    if offset + 1 != stored:
+        raise ShardError(f"{path}: holds {offset + 1} samples, index.json says {stored} "
                          "(truncated or corrupt shard)")
     if next_wanted != len(wanted):
         raise ShardError(f"{path}: sample #{wanted[next_wanted][0]} not found")
@@ -445,8 +466,11 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, split_dir: str | os.PathLike, batch_size: int, *, shuffle: bool, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, mode_hint: str | None = None,
-                 drop_last: bool = False, shuffle_buffer: int | None = None):
-        self.index = SplitIndex.load(split_dir, mode_hint)
+                 drop_last: bool = False, shuffle_buffer: int | None = None,
+                 transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+                 bucket: int = 0, limit: int = 0):
+        self.index = SplitIndex.load(split_dir, mode_hint).limited(limit)
+        self.transform, self.bucket = transform, bucket
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -488,9 +512,26 @@ class ShardDataset(IterableDataset):
         if self.shuffle and self.buffer_size > 1:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             samples = shuffle_buffer(samples, self.buffer_size, rng)
+        if self.transform is not None:  # length control, before the shuffle buffer holds the samples
+            samples = (replace(s, arrays=self.transform(s.arrays)) for s in samples)
         samples = iter(samples)
-        for size in sizes:
-            yield collate([next(samples) for _ in range(size)], self.index.members)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
+        window = max(self.bucket, 1)
+        for start in range(0, len(sizes), window):
+            group = sizes[start: start + window]
+            taken = [next(samples) for _ in range(sum(group))]
+            if window > 1:  # length bucketing: similar lengths share a batch, little padding
+                taken.sort(key=sample_length)
+            cuts = np.cumsum([0, *group])
+            batches = [taken[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+            order = rng.permutation(len(batches)) if (self.shuffle and window > 1) else range(len(batches))
+            for i in order:
+                yield collate(batches[i], self.index.members)
+
+
+def sample_length(sample: Sample) -> int:
+    """The longest time axis of a sample (what its batch is padded to)."""
+    return max((len(a) for m, a in sample.arrays.items() if MEMBER_SPECS[m].length_key and m != "wav.npy"), default=0)
 
 
 def _default_rank_world() -> tuple[int, int]:
@@ -502,7 +543,7 @@ def _default_rank_world() -> tuple[int, int]:
 def make_loader(shard_dir: str | os.PathLike, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
                 epoch: int = 0, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                 mode_hint: str | None = None, drop_last: bool = False, shuffle_buffer: int | None = None,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, transform=None, bucket: int = 0, limit: int = 0) -> DataLoader:
     """A DataLoader over `shard_dir/<split>/` yielding this rank's padded batches.
 
     `batch_size` is per rank (the global batch is batch_size x world_size). rank and
@@ -513,6 +554,7 @@ def make_loader(shard_dir: str | os.PathLike, split: str, batch_size: int, *, sh
     dataset = ShardDataset(Path(shard_dir) / split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                            rank=default_rank if rank is None else rank,
                            world_size=default_world if world_size is None else world_size,
-                           mode_hint=mode_hint, drop_last=drop_last, shuffle_buffer=shuffle_buffer)
+                           mode_hint=mode_hint, drop_last=drop_last, shuffle_buffer=shuffle_buffer,
+                           transform=transform, bucket=bucket, limit=limit)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=2 if num_workers else None)

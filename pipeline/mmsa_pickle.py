@@ -55,7 +55,10 @@ class Split:
         for key, value in self.tensors.items():
             out[key] = value[index]
         if "text_ids" in out:
-            out["text_ids"] = out["text_ids"][:, : max(int(out["text_lengths"].max()), 2)]
+            width = max(int(out["text_lengths"].max()), 2)
+            out["text_ids"] = out["text_ids"][:, :width]
+            if "text" in out:  # precomputed per-token states share the token axis
+                out["text"] = out["text"][:, :width]
         for m in SEQUENCE_MODALITIES:
             if m in out:
                 t = max(int(out[f"{m}_lengths"].max()), 1)
@@ -147,13 +150,6 @@ def load_mmsa_pickle(path: str | Path, zscore: bool = True) -> dict[str, Split]:
                     valid = torch.arange(s.tensors[m].shape[1])[None, :, None] < s.tensors[f"{m}_lengths"][:, None, None]
                     s.tensors[m] = torch.where(valid, (s.tensors[m] - mean) / std, torch.zeros(()))
     return splits
-
-
-def limit_splits(splits: dict[str, Split], n: int) -> dict[str, Split]:
-    """The first n samples of every split (smoke tests); n <= 0 keeps everything."""
-    if n <= 0:
-        return splits
-    return {k: Split(s.name, s.ids[:n], {t: v[:n] for t, v in s.tensors.items()}) for k, s in splits.items()}
 
 
 def feature_dims(split: Split) -> dict[str, int]:

@@ -119,7 +119,7 @@ def load_model(config_path: Path, weights_path: Path, device: str):
 
 def training_shards(run: dict) -> Path | None:
     """The shard folder the run trained on, when it is one and is reachable from here."""
-    from msaflow.pipeline.shard_splits import is_shard_dir
+    from msaflow.pipeline.data import is_shard_dir
 
     data = run.get("data")
     return Path(data) if data and is_shard_dir(data) else None
@@ -193,30 +193,33 @@ def extract_members(video: Path, text: str, start: float | None, end: float | No
         return read_sample_tar(Path(tmp) / "clips" / "clip.tar")[1]
 
 
-def members_to_batch(members: dict, mode: str) -> dict:
-    """A batch of one, collated exactly as the shard loader collates training batches."""
+def members_to_batch(members: dict, mode: str, run: dict | None = None) -> dict:
+    """A batch of one, collated exactly as the shard loader collates training batches (with the
+    run's length caps, when a run is given)."""
+    from msaflow.pipeline.lengths import LengthConfig, control_sample
     from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
 
     names = tuple(m for m in MODE_LAYOUTS[mode].members if m in members)
-    return collate([Sample("clip", members["json"], {k: members[k] for k in names}, 1.0)], names)
+    arrays = {k: members[k] for k in names}
+    if run is not None:
+        meta = members["json"]
+        rates = {"vision.npy": meta.get("fps"), "vision_mask.npy": meta.get("fps"), "audio.npy": 100.0,
+                 "fbank.npy": 100.0}
+        arrays = control_sample(arrays, mode, LengthConfig.model_validate(run.get("lengths") or {}), rates)
+    return collate([Sample("clip", members["json"], arrays, 1.0)], names)
 
 
-def normalise_like_training(batch: dict, run: dict, mode: str, config_path: Path) -> dict:
-    """Features-mode audio/vision z-scored with the training split's statistics, as training saw them."""
+def normalise_like_training(batch: dict, run: dict, mode: str, run_dir: Path) -> dict:
+    """Features-mode audio/vision z-scored with the statistics the run stored (fit on its train
+    split while training): the train split itself is never opened here."""
     if mode != "features" or not run.get("zscore", False):
         return batch
-    from msaflow.pipeline.mmsa_pickle import Split
-    from msaflow.pipeline.shard_splits import read_split, zscore_features
+    from msaflow.pipeline.data import DataError, Normaliser
 
-    shards = training_shards(run)
-    if shards is None:
-        raise UnusableInput(f"{config_path}: the run z-scored its audio/vision features with train-split "
-                            f"statistics, but its training data {run.get('data')!r} is not a shard folder "
-                            f"reachable from here")
-    keys = [k for m in ("audio", "vision") if m in batch for k in (m, f"{m}_present")]
-    splits = {"train": read_split(shards, "train"), "clip": Split("clip", list(batch["id"]), {k: batch[k] for k in keys})}
-    zscore_features(splits)  # the training code's own normalisation, train statistics
-    return {**batch, **splits["clip"].tensors}
+    try:
+        return Normaliser.load(run_dir)(batch)
+    except DataError as exc:
+        raise UnusableInput(str(exc)) from exc
 
 
 def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | None = None, end: float | None = None,
@@ -231,7 +234,7 @@ def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | Non
                             f"features cannot be computed from a video. Train on shards to predict from video.")
     cfg = extract_config(run, extract_override, run["model"])
     members = extract_members(video, text, start, end, cfg, device)
-    batch = normalise_like_training(members_to_batch(members, cfg.mode), run, cfg.mode, config_path)
+    batch = normalise_like_training(members_to_batch(members, cfg.mode, run), run, cfg.mode, config_path.parent)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     with torch.no_grad():
         score = float(model(batch)["pred"][0])

@@ -1,4 +1,9 @@
-"""`msaflow train`: train EMT-DLFR (or any registered model) on an MMSA feature pickle.
+"""`msaflow train`: train EMT-DLFR (or any registered model) on shards or an MMSA feature pickle.
+
+Data come through one path (`msaflow.pipeline.data`): shards are streamed batch by batch,
+each DDP rank reading its own share; audio/vision are z-scored with train statistics fit in
+one streaming pass and stored in the run folder (`normaliser.json`); every sample is capped
+per modality (`lengths`, `msaflow.pipeline.lengths`).
 
 The loop, in order: for every batch draw the incomplete view (missing rate r fixed for the
 `per-rate` protocol, r ~ U[0, 1] per batch for `single-model`), loss = model.compute_loss
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,10 +36,11 @@ from tqdm import tqdm
 from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
+from msaflow.pipeline.data import DataError, Normaliser, PickleSource, keep_real, open_source
+from msaflow.pipeline.distributed import (DistContext, all_reduce_sum, barrier, cleanup, gather_objects,
+                                          init_distributed, to_device, wrap_model)
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
-from msaflow.pipeline.mmsa_pickle import Split, feature_dims, iterate_batches, limit_splits
-from msaflow.pipeline.shard_splits import load_splits
-from msaflow.pipeline.distributed import DistContext, barrier, cleanup, init_distributed, to_device, wrap_model
+from msaflow.pipeline.lengths import LengthConfig
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
@@ -55,6 +62,10 @@ class RunConfig:
     threads: int = 2
     limit: int = 0  # use only the first N samples of each split (smoke tests); 0 = all
     text_cache: str = ""  # frozen-encoder mode: folder of cached text states ("" = run the encoder)
+    lengths: dict = field(default_factory=lambda: LengthConfig().model_dump())  # per-modality caps
+    workers: int = 0  # loader worker processes per rank (shards); the shuffle buffer is per worker
+    bucket: int = 8  # shards: batches per length-bucketing window (1 = off)
+    shuffle_buffer: int | None = None  # shards: samples per worker's shuffle buffer (None = the mode's default)
     model_config: dict = field(default_factory=dict)
     extract: dict = field(default_factory=dict)  # the workflow's extraction settings (for `msaflow predict`)
     optim_config: dict = field(default_factory=dict)
@@ -90,9 +101,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: the GPU when there is one (under torchrun: the process's LOCAL_RANK GPU)")
     p.add_argument("--limit", type=int, default=0, help="first N samples per split only (smoke tests)")
+    p.add_argument("--max-steps", help="per-modality caps, e.g. 'audio=2000,vision=0' (0 = none; defaults: "
+                   "text=128,audio=1000,vision=500; YAML `lengths:` for pooling and how)")
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes per rank (shard folders)")
+    p.add_argument("--bucket", type=int, default=8, help="shard folders: batches per length-bucketing window (1 = off)")
+    p.add_argument("--shuffle-buffer", type=int, help="shard folders: samples per loader worker's shuffle buffer "
+                   "(default 1000 features, 128 raw; 1 = shard order and rotation only)")
 
 
-def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunConfig:
+def parse_max_steps(spec: str | None, lengths: LengthConfig) -> LengthConfig:
+    if not spec:
+        return lengths
+    updates = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in ("text", "audio", "vision") or not value.strip().isdigit():
+            raise DataError(f"--max-steps: {item!r} is not MODALITY=STEPS (text, audio, vision)")
+        updates[name.strip()] = getattr(lengths, name.strip()).model_copy(update={"max_steps": int(value)})
+    return LengthConfig.model_validate({**lengths.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
+
+
+def read_lengths(args: argparse.Namespace) -> LengthConfig:
+    """The length caps: defaults, then the --config YAML's `lengths:` (or its train section's), then --max-steps."""
+    section = {}
+    if args.config:
+        import yaml
+
+        overrides = yaml.safe_load(args.config.read_text()) or {}
+        section = ((overrides.get("train") or {}).get("lengths") if "train" in overrides else overrides.get("lengths")) or {}
+    try:
+        return parse_max_steps(args.max_steps, LengthConfig.model_validate(section))
+    except ValueError as exc:
+        raise DataError(f"{args.config or '--max-steps'}: lengths: {exc}") from exc
+
+
+def build_run_config(args: argparse.Namespace, source) -> RunConfig:
     model_cfg, optim_cfg = for_dataset(args.dataset)
     extract_section: dict = {}
     if args.config:
@@ -105,8 +148,11 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
             overrides = {"model": section.get("model_settings") or {}, "optim": section.get("optim") or {}}
         model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **overrides.get("model", {})})
         optim_cfg = OptimConfig.from_dict({**optim_cfg.to_dict(), **overrides.get("optim", {})})
-    dims = feature_dims(splits["train"])
-    model_cfg = replace(model_cfg, modalities=tuple(splits["train"].modalities),
+    if args.text_cache and not isinstance(source, PickleSource):
+        raise DataError(f"{args.data}: --text-cache caches text states of an MMSA pickle; features-mode shards "
+                        f"already hold frozen text states")
+    dims = source.feature_dims()
+    model_cfg = replace(model_cfg, modalities=tuple(source.modalities),
                         d_audio=dims.get("audio", model_cfg.d_audio), d_vision=dims.get("vision", model_cfg.d_vision))
     if args.freeze_text or args.text_cache:
         model_cfg.freeze_text = True
@@ -128,7 +174,8 @@ def build_run_config(args: argparse.Namespace, splits: dict[str, Split]) -> RunC
         fixed_train_masks=args.fixed_train_masks or bool(args.text_cache), valid_rates=valid_rates, zscore=not args.no_zscore,
         threads=args.threads, limit=args.limit,
         text_cache=str(args.text_cache or ""), model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
-        extract=extract_section,
+        extract=extract_section, lengths=source.lengths.model_dump(), workers=args.workers, bucket=args.bucket,
+        shuffle_buffer=args.shuffle_buffer,
     )
 
 
@@ -139,18 +186,25 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model, split: Split, run: RunConfig, batch_size: int, cache=None) -> dict[str, float]:
-    """Mean of the model's loss logs over the masked validation split, averaged over `valid_rates`."""
+def validation_loss(model, source, normalise: Normaliser, run: RunConfig, batch_size: int, ctx: DistContext,
+                    cache=None) -> dict[str, float]:
+    """Mean of the model's loss logs over the masked validation split, averaged over `valid_rates`.
+    Each rank scores its share; the sums are added over ranks."""
     model.eval()
     sums: dict[str, float] = {}
+    device = next(model.parameters()).device
     for rate in run.valid_rates:
-        for batch in iterate_batches(split, batch_size):
-            complete, incomplete = views(batch, rate, run, split.name, cache=cache, drop=missing_simulation(model))
-            device = next(model.parameters()).device
+        for batch in source.batches("valid", batch_size, rank=ctx.rank, world_size=ctx.world_size):
+            batch = keep_real(batch)
+            if not batch["id"]:  # this rank's share of the last step was only top-up rows
+                continue
+            batch = normalise(batch)
+            complete, incomplete = views(batch, rate, run, "valid", cache=cache, drop=missing_simulation(model))
             _, logs = model.compute_loss(to_device(complete, device), to_device(incomplete, device))
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch["id"])
-    return {k: v / (len(split) * len(run.valid_rates)) for k, v in sums.items()}
+    n = source.size("valid") * len(run.valid_rates)
+    return {k: all_reduce_sum(sums.get(k, 0.0)) / n for k in sorted(sums)}
 
 
 def train_rate(run: RunConfig, generator: torch.Generator) -> float:
@@ -192,17 +246,24 @@ class LossStep(torch.nn.Module):
         return self.model.compute_loss(complete, incomplete)
 
 
-def rank_rows(batch: dict, ctx: DistContext) -> dict:
-    """This process's contiguous block of a global batch (every process drew the same batch
-    and the same masks, so the union over processes is exactly the one-process batch)."""
-    if not ctx.is_distributed:
-        return batch
-    n = len(batch["id"])
-    if n % ctx.world_size:
-        raise ValueError(f"batch of {n} samples does not split over {ctx.world_size} processes: "
-                         f"make --batch-size a multiple of the process count")
-    rows = slice(ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size)
-    return {k: (v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == n else v) for k, v in batch.items()}
+def normaliser_for(run: RunConfig, source, run_dir: Path, ctx: DistContext) -> Normaliser:
+    """The run's z-scoring statistics: read from the run folder, else fit once (main process) and stored."""
+    if not run.zscore or source.mode != "features":
+        return Normaliser()
+    if ctx.is_main and not (run_dir / "normaliser.json").is_file():
+        source.fit_normaliser().save(run_dir)
+    barrier()
+    return Normaliser.load(run_dir)
+
+
+def mask_generator(run: RunConfig, rank: int) -> torch.Generator:
+    """Train-mask draws: rank 0 as a one-process run; every other rank its own stream."""
+    return torch.Generator().manual_seed(run.seed + 1 if rank == 0 else (run.seed + 1) * 1_000_003 + rank)
+
+
+def test_batches(source, normalise: Normaliser, split: str = "test"):
+    """A fresh pass over a split's batches per call (one per scored rate), one process, no top-up rows."""
+    return lambda: (normalise(b) for b in source.batches(split, source.eval_batch_size))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -218,6 +279,9 @@ def main(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)  # under torchrun: one process per GPU (gloo on CPU)
     try:
         return train(args, ctx)
+    except DataError as exc:
+        print(f"msaflow train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
 
@@ -228,10 +292,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, best_path, config_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "config.json"
 
-    splits = load_splits(args.data, zscore=not args.no_zscore)
+    source = open_source(args.data, read_lengths(args), limit=args.limit, workers=args.workers, bucket=args.bucket,
+                         shuffle_buffer=args.shuffle_buffer)
     if checkpoint_path.is_file():  # resume, but only the run this command describes
         run = RunConfig(**json.loads(config_path.read_text()))
-        asked = asdict(build_run_config(args, splits))
+        asked = asdict(build_run_config(args, source))
         # the stopping rule may change: no schedule depends on it, so raising --epochs goes on
         # exactly as a longer run would have
         stopping = ("max_epochs", "patience")
@@ -240,7 +305,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
             return cfg | {"optim_config": {k: v for k, v in cfg["optim_config"].items() if k not in stopping}}
 
         recorded, wanted = without_stopping(asdict(run)), without_stopping(asked)
-        changed = sorted(k for k, v in recorded.items() if k != "threads" and wanted.get(k) != v)
+        changed = sorted(k for k, v in recorded.items() if k not in ("threads", "workers") and wanted.get(k) != v)
         if changed:
             raise SystemExit(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): "
                              f"resume it with its own command, or train into a new -o folder")
@@ -253,19 +318,26 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                 write_json_atomic(config_path, asdict(run))
         print(f"resuming {run_dir} from {checkpoint_path.name}", flush=True)
     else:
-        run = build_run_config(args, splits)
+        run = build_run_config(args, source)
         if main_process:
             write_json_atomic(config_path, asdict(run))
-    splits = limit_splits(splits, run.limit)
     optim_cfg = OptimConfig.from_dict(run.optim_config)
+    normalise = normaliser_for(run, source, run_dir, ctx)
 
     seed_everything(run.seed)
     model = build_model(run.model, ModelConfig.from_dict(run.model_config)).to(ctx.device)
+    if getattr(getattr(model, "cfg", None), "bf16", False) and ctx.device.type == "cpu":
+        from msaflow.model.end_to_end import Bf16Unsupported, require_cpu_bf16
+
+        try:  # refuse before the first step, not inside it
+            require_cpu_bf16()
+        except Bf16Unsupported as exc:
+            raise DataError(str(exc)) from exc
     if ctx.is_distributed and ctx.device.type == "cuda":  # BatchNorm statistics over the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.Adam(model.param_groups(optim_cfg))  # coupled L2 via weight_decay, as released
     shuffle_gen = torch.Generator().manual_seed(run.seed)
-    mask_gen = torch.Generator().manual_seed(run.seed + 1)
+    mask_gen = mask_generator(run, ctx.rank)
     state = {"epoch": 0, "best": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [], "seconds": 0.0,
              "world_size": ctx.world_size}
 
@@ -274,7 +346,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         shuffle_gen.set_state(ckpt["rng"]["shuffle"])
-        mask_gen.set_state(ckpt["rng"]["mask"])
+        mask_states = ckpt["rng"].get("mask_by_rank") or [ckpt["rng"]["mask"]]
+        if len(mask_states) == ctx.world_size:  # same process count: every rank goes on with its own draws
+            mask_gen.set_state(mask_states[ctx.rank])
         torch.set_rng_state(ckpt["rng"]["torch"])
         state = ckpt["state"]
     loss_step = wrap_model(LossStep(model), ctx, find_unused_parameters=True)
@@ -282,6 +356,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     unk = run.model_config["unk_id"]
     test_rates = parse_rates(DEFAULT_GRID) if run.protocol == "single-model" else [run.missing_rate]
     train_rates = COARSE_GRID if run.protocol == "single-model" else [run.missing_rate]
+    splits = source.splits if isinstance(source, PickleSource) else None
     cache = run_text_cache(asdict(run), splits, [("train", 0.0), ("valid", 0.0)]  # complete views
                            + [("train", r) for r in train_rates] + [("valid", r) for r in run.valid_rates]
                            + [("test", r) for r in test_rates])
@@ -296,14 +371,15 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                       flush=True)
         optimizer.zero_grad(set_to_none=True)
         train_sums: dict[str, float] = {}
-        batches = iterate_batches(splits["train"], optim_cfg.batch_size, shuffle=True, generator=shuffle_gen,
-                                  drop_last=True)  # drop_last: BatchNorm in DLFR needs > 1 sample
-        n_batches = len(splits["train"]) // optim_cfg.batch_size
+        batches = source.batches("train", optim_cfg.batch_size, shuffle=True, epoch=epoch, seed=run.seed,
+                                 generator=shuffle_gen, drop_last=True,  # drop_last: BatchNorm in DLFR needs > 1 sample
+                                 rank=ctx.rank, world_size=ctx.world_size)
+        n_batches = len(source) // optim_cfg.batch_size
         for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch}", disable=None, leave=False)):
             rate = train_rate(run, mask_gen)
-            complete, incomplete = views(batch, rate, run, "train", generator=mask_gen, cache=cache,
+            complete, incomplete = views(normalise(batch), rate, run, "train", generator=mask_gen, cache=cache,
                                          drop=missing_simulation(model))
-            complete, incomplete = (to_device(rank_rows(v, ctx), ctx.device) for v in (complete, incomplete))
+            complete, incomplete = (to_device(v, ctx.device) for v in (complete, incomplete))
             loss, logs = loss_step(complete, incomplete)
             loss.backward()
             if (step + 1) % optim_cfg.grad_accum == 0:
@@ -313,7 +389,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                 train_sums[k] = train_sums.get(k, 0.0) + v
         optimizer.zero_grad(set_to_none=True)  # the last partial accumulation group takes no step
 
-        valid = validation_loss(model, splits["valid"], run, optim_cfg.batch_size, cache=cache)
+        valid = validation_loss(model, source, normalise, run, optim_cfg.batch_size, ctx, cache=cache)
         improved = valid[select] < state["best"] - optim_cfg.min_delta
         if improved:
             state.update(best=valid[select], best_epoch=epoch, bad_epochs=0)
@@ -328,11 +404,13 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                   "train": {k: v / max(n_batches, 1) for k, v in train_sums.items()}, "valid": valid}
         state["history"].append(record)
         state["epoch"] = epoch + 1
+        mask_states = gather_objects(mask_gen.get_state())
         if main_process:
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                "rng": {"shuffle": shuffle_gen.get_state(), "mask": mask_gen.get_state(),
+                "rng": {"shuffle": shuffle_gen.get_state(), "mask": mask_states[0], "mask_by_rank": mask_states,
                         "torch": torch.get_rng_state()},
+                "lengths": run.lengths,
             })
             write_json_atomic(run_dir / "history.json", state["history"])
         barrier()  # no process starts the next epoch before the checkpoint is on disk
@@ -346,9 +424,9 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
     if trained or not metrics_path.is_file():
         # the test split is touched once, here, with the weights chosen on validation
         model.load_state_dict(torch.load(best_path, map_location=ctx.device, weights_only=True))
-        per_rate = score(model, splits["test"], test_rates, corruption="missing", mask_seed=run.mask_seed,
-                         dataset=run.dataset, unk_id=unk, text_cache=cache)
-        write_json_atomic(metrics_path, {"rates": per_rate, "n_test": len(splits["test"]), "best_epoch":
+        per_rate = score(model, test_batches(source, normalise), test_rates, corruption="missing",
+                         mask_seed=run.mask_seed, dataset=run.dataset, unk_id=unk, text_cache=cache)
+        write_json_atomic(metrics_path, {"rates": per_rate, "n_test": source.size("test"), "best_epoch":
                                          state["best_epoch"], "epochs": state["epoch"],
                                          "train_seconds": round(state["seconds"], 1)})
     metrics = json.loads(metrics_path.read_text())

@@ -41,7 +41,8 @@ def run_dir(shared_data, tmp_path_factory) -> Path:
     from msaflow.model.missing import simulate_missing
     from msaflow.model.registry import build_model
     from msaflow.pipeline.manifest import MANIFEST_COLUMNS
-    from msaflow.pipeline.shard_splits import read_split, zscore_features
+    from msaflow.pipeline.data import streaming_stats
+    from msaflow.pipeline.loader import make_loader
     from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
     torch.set_num_threads(2)
@@ -57,9 +58,9 @@ def run_dir(shared_data, tmp_path_factory) -> Path:
     assert cli(["shards", str(tmp / "extract"), "--manifest", str(manifest), "-o", str(tmp / "shards"),
                 "--config", str(config)]) == 0
 
-    splits = {"train": read_split(tmp / "shards", "train")}
-    zscore_features(splits)  # as training from features shards does
-    batch = splits["train"].batch(list(range(len(TRAIN_CLIPS))))
+    batch = next(iter(make_loader(tmp / "shards", "train", len(TRAIN_CLIPS), shuffle=False)))
+    normaliser = streaming_stats([batch])  # as training from features shards fits it
+    batch = normaliser(batch)
     torch.manual_seed(0)
     model_cfg = replace(ModelConfig(), **SMALL, d_audio=batch["audio"].shape[-1], d_vision=batch["vision"].shape[-1])
     model = build_model("emt-dlfr", model_cfg)
@@ -80,7 +81,8 @@ def run_dir(shared_data, tmp_path_factory) -> Path:
                                             "extract": ExtractConfig(**FAST_EXTRACT).model_dump(mode="json")})
     with atomic_path(out / "best.pt") as path:
         torch.save(model.state_dict(), path)
-    torch.save(splits["train"].tensors, tmp / "train_tensors.pt")
+    normaliser.save(out)  # what `msaflow train` stores beside the weights
+    torch.save({k: v for k, v in batch.items() if torch.is_tensor(v)}, tmp / "train_tensors.pt")
     return out
 
 

@@ -1,9 +1,9 @@
 """Two training processes (torchrun, gloo on CPU) against one, same seed and global batch.
 
-Every process draws the same global batch and the same missing masks and trains on its
-contiguous block of rows; DDP averages the gradients. With dropout off (dropout masks are
-drawn per process, so they cannot match a one-process run) the weights after training
-agree with the one-process run to float32 reduction-order error.
+Every process draws the same global batch order and trains on its contiguous block of rows;
+DDP averages the gradients. With train masks fixed per sample id and dropout off (both are
+drawn per process otherwise, so they cannot match a one-process run) the weights after
+training agree with the one-process run to float32 reduction-order error.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ TOLERANCE = 1e-4  # max abs difference of any weight after one epoch (measured: 
 def train_args(pkl, out, config):
     return ["train", "--data", str(pkl), "--model", "emt", "--freeze-text", "--limit", "64", "--epochs", "1",
             "--batch-size", "16", "--grad-accum", "1", "--protocol", "per-rate", "--missing-rate", "0.3",
-            "--seed", "3", "--threads", "1", "--device", "cpu", "--config", str(config), "-o", str(out)]
+            "--seed", "3", "--threads", "1", "--device", "cpu", "--config", str(config), "--fixed-train-masks",
+            "-o", str(out)]
 
 
 def test_two_processes_match_one(tmp_path, shared_data):
