@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from msaflow.pipeline.extract import ExtractConfig, output_settings
+from msaflow.pipeline.lengths import LengthConfig
 from msaflow.pipeline.manifest import ManifestConfig
 from msaflow.pipeline.shards import ShardsConfig
 
@@ -71,6 +72,8 @@ class TrainSection(BaseModel):
     model_settings: dict[str, Any] = Field(default_factory=dict,
                                            description="ModelConfig keys over the preset (model/config.py)")
     optim: dict[str, Any] = Field(default_factory=dict, description="OptimConfig keys over the preset (model/config.py)")
+    lengths: LengthConfig = Field(default_factory=LengthConfig,
+                                  description="per-modality caps on time steps and pooling (pipeline/lengths.py)")
 
 
 class EvaluateSection(BaseModel):

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 WAV_HOP = 160  # waveform samples per 10-ms fbank step at 16 kHz
@@ -121,8 +120,10 @@ def control_sample(arrays: dict[str, np.ndarray], mode: str, cfg: LengthConfig,
     return out
 
 
-def control_padded(tensors: dict[str, torch.Tensor], cfg: LengthConfig) -> dict[str, torch.Tensor]:
+def control_padded(tensors: dict, cfg: LengthConfig) -> dict:
     """The same caps on whole padded tensors of an in-memory split (MMSA pickles; no pooling there)."""
+    import torch  # here only: the workflow config imports this module, and needs no torch
+
     out = dict(tensors)
     for modality, key in (("text", "text_ids"), ("audio", "audio"), ("vision", "vision")):
         spec: ModalityLength = getattr(cfg, modality)

@@ -65,6 +65,7 @@ class RunConfig:
     lengths: dict = field(default_factory=lambda: LengthConfig().model_dump())  # per-modality caps
     workers: int = 0  # loader worker processes per rank (shards); the shuffle buffer is per worker
     bucket: int = 8  # shards: batches per length-bucketing window (1 = off)
+    epoch_steps: int = 0  # batches per epoch (0 = the whole train split): epochs of a huge corpus, benchmarks
     shuffle_buffer: int | None = None  # shards: samples per worker's shuffle buffer (None = the mode's default)
     model_config: dict = field(default_factory=dict)
     extract: dict = field(default_factory=dict)  # the workflow's extraction settings (for `msaflow predict`)
@@ -104,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", help="per-modality caps, e.g. 'audio=2000,vision=0' (0 = none; defaults: "
                    "text=128,audio=1000,vision=500; YAML `lengths:` for pooling and how)")
     p.add_argument("--workers", type=int, default=0, help="loader worker processes per rank (shard folders)")
+    p.add_argument("--epoch-steps", type=int, default=0, help="stop each epoch after this many batches (0 = the "
+                   "whole train split; validation always runs whole)")
     p.add_argument("--bucket", type=int, default=8, help="shard folders: batches per length-bucketing window (1 = off)")
     p.add_argument("--shuffle-buffer", type=int, help="shard folders: samples per loader worker's shuffle buffer "
                    "(default 1000 features, 128 raw; 1 = shard order and rotation only)")
@@ -175,7 +178,7 @@ def build_run_config(args: argparse.Namespace, source) -> RunConfig:
         threads=args.threads, limit=args.limit,
         text_cache=str(args.text_cache or ""), model_config=model_cfg.to_dict(), optim_config=optim_cfg.to_dict(),
         extract=extract_section, lengths=source.lengths.model_dump(), workers=args.workers, bucket=args.bucket,
-        shuffle_buffer=args.shuffle_buffer,
+        shuffle_buffer=args.shuffle_buffer, epoch_steps=args.epoch_steps,
     )
 
 
@@ -375,7 +378,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                                  generator=shuffle_gen, drop_last=True,  # drop_last: BatchNorm in DLFR needs > 1 sample
                                  rank=ctx.rank, world_size=ctx.world_size)
         n_batches = len(source) // optim_cfg.batch_size
+        if run.epoch_steps:
+            n_batches = min(n_batches, run.epoch_steps)
         for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch}", disable=None, leave=False)):
+            if step == n_batches:  # every rank stops at the same step
+                break
             rate = train_rate(run, mask_gen)
             complete, incomplete = views(normalise(batch), rate, run, "train", generator=mask_gen, cache=cache,
                                          drop=missing_simulation(model))

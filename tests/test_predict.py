@@ -117,6 +117,24 @@ def test_predict_prints_score_and_presence(run_dir, shared_data, capsys):
     assert result["has_audio"] is True and result["has_text"] is False  # no --text: text missing
 
 
+def test_predict_never_opens_the_train_shards(run_dir, shared_data, capsys):
+    """Normalisation comes from the run folder: with the train shards gone, predict gives the same score."""
+    video = shared_data / "raw" / "grid" / "sbia1a.mpg"
+    assert cli(["predict", str(video), "--checkpoint", str(run_dir), "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)["score"]
+    train = Path(json.loads((run_dir / "config.json").read_text())["data"]) / "train"
+    tars = sorted(train.glob("*.tar"))
+    assert tars
+    for tar in tars:
+        tar.rename(tar.with_suffix(".away"))
+    try:
+        assert cli(["predict", str(video), "--checkpoint", str(run_dir), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["score"] == before
+    finally:
+        for tar in tars:
+            tar.with_suffix(".away").rename(tar)
+
+
 def test_predict_video_without_audio(run_dir, shared_data, tmp_path, capsys):
     video = media.make_video_without_audio(shared_data / "raw" / "grid" / "sbia1a.mpg", tmp_path / "silent.mpg")
     assert cli(["predict", str(video), "--checkpoint", str(run_dir), "--json", "--text", "set blue"]) == 0
