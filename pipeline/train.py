@@ -26,6 +26,7 @@ import json
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from msaflow.pipeline.distributed import (DistContext, all_reduce_sum, barrier, 
                                           init_distributed, to_device, wrap_model)
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
 from msaflow.pipeline.lengths import LengthConfig
+from msaflow.pipeline.lock import output_lock
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
 
@@ -281,7 +283,9 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)  # under torchrun: one process per GPU (gloo on CPU)
     try:
-        return train(args, ctx)
+        # one writer per run folder (DDP: rank 0 holds it for all ranks)
+        with output_lock(args.out, "msaflow train") if ctx.is_main else nullcontext():
+            return train(args, ctx)
     except DataError as exc:
         print(f"msaflow train: error: {exc}", file=sys.stderr)
         return 2

@@ -310,3 +310,16 @@ def test_real_clips_train_and_streaming_evaluation_equals_whole_split(grid_shard
         expected = compute_metrics(pred, whole["label"].numpy(), dataset="mosi")
         assert streamed[repr(rate)]["MAE"] == pytest.approx(expected["MAE"], abs=1e-5)
         assert streamed[repr(rate)]["Acc-7"] == pytest.approx(expected["Acc-7"])
+
+
+def test_a_run_folder_has_one_writer(shards, tmp_path, capsys):
+    from msaflow.pipeline.lock import output_lock
+
+    out = tmp_path / "run"
+    with output_lock(out, "another msaflow train"):
+        code = cli(["train", "--data", str(shards), "--model", "emt", "--freeze-text", "--epochs", "1",
+                    "-o", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(os.getpid()) in err and "another msaflow train" in err
+    assert not (out / "config.json").exists()
