@@ -395,12 +395,24 @@ def test_240_character_file_name_extracts_and_reruns(shared_data, tmp_path):
     assert key_read == key and members["json"]["id"] == df.loc[0, "id"]
 
 
-@pytest.mark.slow
-def test_4k_clip_is_extracted_at_the_capped_size(made, tmp_path):
-    from msaflow.pipeline.extract import ExtractConfig, run
+def _peak_rss_mb(manifest: Path, out: Path) -> float:
+    """Peak RSS (MB) of the largest process of one `msaflow extract` job (the CLI or its worker)."""
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    res = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "msaflow.pipeline.cli", "extract",
+                          str(manifest), "-o", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return int(res.stdout.strip().splitlines()[-1]) / 1024
 
-    manifest = _write_manifest(tmp_path / "m.csv", [_row("m/uhd", made["uhd"])])
-    summary = run(manifest, tmp_path / "out", ExtractConfig(fps=10.0, device="cpu"), progress=False)
-    assert summary["counts"]["ok"] == 1
-    m = read_sample_tar(tmp_path / "out" / "clips" / "m_uhd.tar")[1]
+
+@pytest.mark.slow
+def test_4k_clip_costs_the_memory_of_a_small_one(shared_data, made, tmp_path):
+    small = make_scaled(shared_data / GRID, tmp_path / "small.mp4", 640, 360, seconds=1)
+    peaks = {}
+    for name, path in (("small", small), ("uhd", made["uhd"])):  # 1 s each, 25 frames
+        manifest = _write_manifest(tmp_path / f"{name}.csv", [_row(f"m/{name}", path)])
+        peaks[name] = _peak_rss_mb(manifest, tmp_path / f"out-{name}")
+    # decoded at 3840x2160 the 25 frames alone would be 622 MB, twice over (batch and copy)
+    assert peaks["uhd"] < peaks["small"] + 300, peaks
+    m = read_sample_tar(tmp_path / "out-uhd" / "clips" / "m_uhd.tar")[1]
     assert m["vision_mask.npy"].mean() >= 0.9 and m["face.npy"][m["vision_mask.npy"]].std() > 20
