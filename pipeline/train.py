@@ -169,6 +169,18 @@ def build_run_config(args: argparse.Namespace, source) -> RunConfig:
                         ("grad_accum", args.grad_accum)):
         if value is not None:
             setattr(optim_cfg, name, value)
+    n_train = len(source)
+    if n_train < 2:
+        raise DataError(f"{args.data}: the train split has {n_train} sample(s); training needs at least 2")
+    if optim_cfg.batch_size > n_train:  # a small corpus of one's own: one batch of everything, said out loud
+        print(f"note: batch size {optim_cfg.batch_size} > {n_train} train samples: batch size {n_train} "
+              f"(recorded in the run's config.json)", file=sys.stderr)
+        optim_cfg.batch_size = n_train
+    steps = n_train // optim_cfg.batch_size if not args.epoch_steps else min(args.epoch_steps, n_train // optim_cfg.batch_size)
+    if optim_cfg.grad_accum > steps:  # else an epoch's only, partial accumulation group would never step
+        print(f"note: {steps} batch(es) per epoch < gradient accumulation {optim_cfg.grad_accum}: accumulation "
+              f"{steps} (recorded in the run's config.json)", file=sys.stderr)
+        optim_cfg.grad_accum = steps
     if args.protocol == "per-rate":
         valid_rates = parse_rates(args.valid_rates) if args.valid_rates else [args.missing_rate]
     else:
@@ -378,6 +390,7 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
                       flush=True)
         optimizer.zero_grad(set_to_none=True)
         train_sums: dict[str, float] = {}
+        steps_done = 0
         batches = source.batches("train", optim_cfg.batch_size, shuffle=True, epoch=epoch, seed=run.seed,
                                  generator=shuffle_gen, drop_last=True,  # drop_last: BatchNorm in DLFR needs > 1 sample
                                  rank=ctx.rank, world_size=ctx.world_size)
@@ -396,9 +409,11 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
             if (step + 1) % optim_cfg.grad_accum == 0:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            steps_done += 1
             for k, v in logs.items():
                 train_sums[k] = train_sums.get(k, 0.0) + v
         optimizer.zero_grad(set_to_none=True)  # the last partial accumulation group takes no step
+        train_seconds = time.time() - t0
 
         valid = validation_loss(model, source, normalise, run, optim_cfg.batch_size, ctx, cache=cache)
         improved = valid[select] < state["best"] - optim_cfg.min_delta
@@ -411,7 +426,8 @@ def train(args: argparse.Namespace, ctx: DistContext) -> int:
             state["bad_epochs"] += 1
         seconds = time.time() - t0
         state["seconds"] += seconds
-        record = {"epoch": epoch, "seconds": round(seconds, 1),
+        record = {"epoch": epoch, "seconds": round(seconds, 1), "train_seconds": round(train_seconds, 1),
+                  "train_samples": steps_done * optim_cfg.batch_size,
                   "train": {k: v / max(n_batches, 1) for k, v in train_sums.items()}, "valid": valid}
         state["history"].append(record)
         state["epoch"] = epoch + 1

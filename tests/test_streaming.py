@@ -323,3 +323,20 @@ def test_a_run_folder_has_one_writer(shards, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(os.getpid()) in err and "another msaflow train" in err
     assert not (out / "config.json").exists()
+
+
+def test_a_train_split_smaller_than_the_batch_trains(tmp_path, capsys):
+    """7 train clips and the preset's batch of 32: one batch of 7 per epoch, said on stderr."""
+    root = tmp_path / "small"
+    write_split(root, "train", "features", [7], seed=4)
+    write_split(root, "valid", "features", [2], seed=5, first_number=100)
+    write_split(root, "test", "features", [2], seed=6, first_number=200)
+    out = tmp_path / "run"
+    assert cli(["train", "--data", str(root), "--model", "emt-dlfr", "--freeze-text", "--epochs", "1",
+                "--threads", "1", "-o", str(out)]) == 0
+    assert "batch size 32 > 7 train samples" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert config["optim_config"]["batch_size"] == 7 and history[0]["train_samples"] == 7
+    assert config["optim_config"]["grad_accum"] == 1  # one batch per epoch: every epoch takes its step
+    assert torch.load(out / "last.pt", weights_only=True)["optimizer"]["state"]
