@@ -54,7 +54,9 @@ def dataset_csv():
         path = select_adapter(root, CFG.dataset).csv_path(root, CFG.dataset) if root.is_dir() else None
     except StopIteration:  # no layout recognised: `msaflow manifest` explains
         path = None
-    return [str(path)] if path is not None and path.is_file() else []
+    # local(): read in place, never through a storage provider (profiles/kubernetes); `msaflow manifest`
+    # reads the dataset from the config, this input only makes an edited CSV re-run the manifest
+    return [local(str(path))] if path is not None and path.is_file() else []
 
 
 def section_hash(*names):
@@ -154,7 +156,9 @@ rule extract:
 rule shards:
     input:
         manifest=rules.manifest.output[0],
-        chunks=expand(rules.extract.output[0], k=range(1, N_CHUNKS + 1)),  # chunks are 1-based
+        # chunks are 1-based; the pattern is spelled out (not rules.extract.output) so that a storage
+        # provider's flags on it (profiles/kubernetes) do not reach expand()
+        chunks=expand(f"{EXTRACT_DIR}/chunks/{{k}}-of-{N_CHUNKS}.json", k=range(1, N_CHUNKS + 1)),
     output:
         f"{RUN}/shards/summary.json",
     params:
@@ -206,7 +210,7 @@ rule train:
 
 rule evaluate:
     input:
-        runs=expand(rules.train.output[0], run=list(TRAIN_RUNS)),
+        runs=[f"{RUN}/runs/{name}/metrics.json" for name in TRAIN_RUNS],  # spelled out: see rule shards
     output:
         f"{RUN}/evaluate/{EVAL_NAME}.json",
     params:
@@ -223,6 +227,7 @@ rule evaluate:
     resources:
         mem_mb=CFG.train.mem_mb,
         runtime=60,
+        gpu=min(CFG.train.gpus, 1),  # scoring runs in one process
     threads: CFG.train.threads
     shell:
         "msaflow evaluate {params.runs:q} --data {params.data:q} {params.rates}"
