@@ -140,6 +140,11 @@ class ClipExtractor:
                                           min_prob=cfg.min_face_prob, thresholds=tuple(cfg.mtcnn_thresholds),
                                           batch_size=cfg.detect_batch)
         self.frontends = frontends
+        self.asr = None  # speech recognition for clips without a transcript (extractors/asr.py)
+        if getattr(cfg, "asr", None) is not None:
+            from msaflow.extractors import asr
+
+            self.asr = asr.build(cfg.asr, device, cfg.threads)
 
     def extract(self, job: ClipJob, out_dir: Path) -> dict:
         """Write `out_dir/clips/<key>.tar`; return the clip's counts and seconds per stage.
@@ -215,18 +220,23 @@ class ClipExtractor:
             with timer("fbank"):
                 n_steps = audio.fbank_steps(duration)
                 fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels, first_sample=lead)
+            text, source, recognised = self._transcript(job, wav, lead, timer)
             with timer("text"):
                 from msaflow.extractors.text import tokenize
 
-                text_ids = np.asarray(tokenize(job.text, cfg.text_max_len, cfg.text_model), np.int64)
+                text_ids = np.asarray(tokenize(text, cfg.text_max_len, cfg.text_model), np.int64)
             meta = {
-                "id": job.id, "video_id": job.video_id, "clip_id": job.clip_id, "text": job.text,
+                "id": job.id, "video_id": job.video_id, "clip_id": job.clip_id, "text": text,
                 "label": job.label, "label_T": job.label_T, "label_A": job.label_A, "label_V": job.label_V,
                 "split": job.split, "start": start, "end": end, "duration": duration, "fps": cfg.fps,
                 "sample_rate": audio.SAMPLE_RATE, "n_frames": n_frames,
                 "n_face_frames": int(vision_mask.sum()), "has_audio": wav is not None and len(wav) > lead,
-                "has_text": bool(job.text.strip()), "mode": "raw", "notes": notes,
+                "has_text": bool(text.strip()), "text_source": source, "mode": "raw", "notes": notes,
             }
+            if recognised is not None:
+                meta["asr"] = recognised
+                if source == "recognised" and job.text != text:
+                    meta["given_text"] = job.text  # the manifest's (shards compare it with the manifest)
             members = {
                 "json": meta, "face.npy": faces, "vision_mask.npy": vision_mask,
                 "wav.npy": wav if wav is not None else np.zeros(0, np.int16),
@@ -251,8 +261,32 @@ class ClipExtractor:
                     check.cancel()  # a no-op once its result was read
             shutil.rmtree(scratch, ignore_errors=True)
         return {"key": job.key, "n_frames": n_frames, "n_face_frames": meta["n_face_frames"],
-                "has_audio": meta["has_audio"], "has_text": meta["has_text"], "notes": notes,
+                "has_audio": meta["has_audio"], "has_text": meta["has_text"], "text_source": meta["text_source"],
+                "notes": notes,
                 "seconds": dict(timer.seconds)}
+
+    def _transcript(self, job: ClipJob, wav, lead: int, timer: StageTimer) -> tuple[str, str, dict | None]:
+        """(text, its source: given / recognised / none, the recogniser's json entry or None).
+
+        The recogniser runs on the clip's own 16 kHz waveform when the manifest gives no text, or
+        on every clip with `asr.when: always`; recognised speech replaces the given text then, and
+        where it finds none the given text stays."""
+        given = job.text
+        source = "given" if given.strip() else "none"
+        if self.asr is None or (given.strip() and self.cfg.asr.when != "always"):
+            return given, source, None
+        from msaflow.extractors.asr import Transcript
+
+        with timer("asr"):
+            if wav is None or len(wav) <= lead:
+                transcript = Transcript("", language=self.cfg.asr.language)  # no audio: nothing to hear
+            else:
+                transcript = self.asr.transcribe(wav, lead)
+        info = self.asr.describe()
+        entry = transcript.to_meta({k: info[k] for k in ("recogniser", "weights", "sha256")})
+        if transcript.text.strip():
+            return transcript.text, "recognised", entry
+        return given, source, entry
 
     def _no_faces(self, n_frames: int, faces):
         """All-zero crops in the form `faces` has (an array, or the path of a long clip's .npy)."""

@@ -14,6 +14,7 @@ import sys
 # command name -> (module under msaflow.pipeline, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "manifest": ("manifest", "read a dataset and write the normalized clip manifest"),
+    "segment": ("segment", "cut long videos into utterances from their recognised speech (segments.csv)"),
     "extract": ("extract", "decode clips, detect faces, compute fbank/tokens (raw or features mode)"),
     "shards": ("shards", "pack extracted clips into WebDataset shards per split"),
     "frontends": ("frontends_cli", "list the registered front-ends and their weights"),

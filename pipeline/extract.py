@@ -32,6 +32,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from msaflow.extractors.asr import AsrConfig
+
 
 class ExtractConfig(BaseModel):
     """Knobs of the extraction step (defaults: config/extract.yaml says the same, with why)."""
@@ -69,6 +71,8 @@ class ExtractConfig(BaseModel):
     text_model: str = Field("minilm", description="tokenizer: 'minilm' or a local HF model folder")
     text_max_len: int = Field(50, ge=2)
     clip_timeout_s: float | None = Field(1800.0, gt=0, description="kill a worker stuck on one clip")
+    asr: AsrConfig | None = Field(None, description="speech recognition for clips without a transcript "
+                                  "(extractors/asr.py); null = off")
 
 
 # How an extraction runs, not what it writes: left out when settings are compared or hashed,
@@ -78,7 +82,12 @@ RUNTIME_SETTINGS = ("device", "threads", "chunk_frames", "clip_timeout_s")
 
 def output_settings(section: dict) -> dict:
     """The validated extract settings (defaults filled in) that determine the clips' contents."""
+    from msaflow.extractors.asr import output_settings as asr_settings
+
     validated = ExtractConfig.model_validate(section).model_dump(mode="json")
+    validated["asr"] = asr_settings(validated["asr"])
+    if validated["asr"] is None:  # off: the hash of a config without ASR is what it was before ASR existed
+        del validated["asr"]
     return {k: v for k, v in validated.items() if k not in RUNTIME_SETTINGS}
 
 
@@ -180,6 +189,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="process the K-th (1-based) of N interleaved chunks of the manifest")
     p.add_argument("--frontends", help="features mode, e.g. face=fer,audio=crepe-tiny,text=minilm")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--asr", metavar="RECOGNISER", help="recognise the speech of clips without a transcript, e.g. "
+                   "whisper-tiny-en ('off' turns the config's off; more settings: extract.asr in --config)")
 
 
 class TransientError(RuntimeError):
@@ -307,6 +318,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
          work: Path) -> dict:
     from tqdm import tqdm
 
+    from msaflow.extractors.asr import check_available, text_source
     from msaflow.extractors.clip import STAGES
     from msaflow.pipeline.extract_pool import IsolatedExtractor
     from msaflow.pipeline.tario import write_json_atomic
@@ -336,6 +348,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
         if meta is not None:
             counts.update(ok=1, resumed=1)
             _count_modalities(counts, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"])
+            counts[f"text_{text_source(meta)}"] += 1
             _count_notes(counts, warnings, job, meta.get("notes", []))
         elif fail.exists():
             counts.update(failed=1, resumed=1)
@@ -349,6 +362,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
         from msaflow.extractors.frontends import parse_spec
 
         parse_spec(spec)
+    asr_info = check_available(cfg.asr) if cfg.asr is not None and todo else None  # one line, before any worker
     frontends_info = None
     if todo:
         with IsolatedExtractor(cfg, device, cfg.threads, spec, cfg.clip_timeout_s) as worker:
@@ -364,6 +378,7 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
                     counts.update(ok=1)
                     _count_modalities(counts, result["n_frames"], result["n_face_frames"],
                                       result["has_audio"], result["has_text"])
+                    counts[f"text_{result.get('text_source', 'none')}"] += 1
                     _count_notes(counts, warnings, job, result.get("notes", []))
                     for stage, s in result["seconds"].items():
                         seconds[stage] += s
@@ -380,9 +395,11 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
         "chunk": f"{k}/{n}", "mode": cfg.mode, "device": device,
         "counts": {c: int(counts.get(c, 0)) for c in
                    ("clips", "ok", "failed", "resumed", "redone", "no_face", "face_frames_missing", "no_audio",
-                    "empty_text", "segment_clamped", "video_unusable", "audio_unusable", "worker_restarts")},
+                    "empty_text", "segment_clamped", "video_unusable", "audio_unusable", "worker_restarts",
+                    "text_given", "text_recognised")},
         "seconds": {**{s: round(seconds.get(s, 0.0), 4) for s in STAGES},
                     **({"features": round(seconds["features"], 4)} if "features" in seconds else {}),
+                    **({"asr": round(seconds["asr"], 4)} if "asr" in seconds else {}),
                     "wall": round(time.perf_counter() - t0, 4)},
         "failures": failures,
         "warnings": warnings,
@@ -390,6 +407,8 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
     }
     if frontends_info is not None:
         summary["frontends"] = frontends_info
+    if asr_info is not None:
+        summary["asr"] = asr_info
     write_json_atomic(out / "chunks" / f"{k}-of-{n}.json", summary)
     return summary
 
@@ -416,6 +435,9 @@ def print_summary(summary: dict, file=sys.stdout) -> None:
     print(f"  missing modalities: {c['no_face']} clips without any face "
           f"({c['face_frames_missing']} frames without face), {c['no_audio']} without audio, "
           f"{c['empty_text']} with empty text", file=file)
+    if summary["config"].get("asr") is not None:
+        print(f"  transcripts: {c['text_given']} given, {c['text_recognised']} recognised "
+              f"({summary['config']['asr']['recogniser']})", file=file)
     print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()), file=file)
     for f in summary["failures"]:
         print(f"  FAILED {f['id']} ({f['path']}): [{f['stage']}] {f['reason']}", file=file)
@@ -428,6 +450,9 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         overrides = {k: v for k, v in (("mode", args.mode), ("frontends", args.frontends),
                                        ("device", args.device)) if v is not None}
+        if args.asr is not None:
+            overrides["asr"] = None if args.asr == "off" else {**(cfg.asr.model_dump() if cfg.asr else {}),
+                                                               "recogniser": args.asr}
         cfg = ExtractConfig.model_validate({**cfg.model_dump(), **overrides})
         if not args.manifest.is_file():
             raise ValueError(f"{args.manifest}: manifest not found")

@@ -42,8 +42,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     names = args.names or sorted(REGISTRY, key=lambda n: (REGISTRY[n].modality, n))
     rows = [inspect(n, args.text_model if n == "hf-text" else None) for n in names]
+    recognisers = [] if args.names else recogniser_rows()
     if args.json:
-        print(json.dumps({"default": DEFAULT_SPEC, "frontends": rows}, indent=2))
+        print(json.dumps({"default": DEFAULT_SPEC, "frontends": rows, "recognisers": recognisers}, indent=2))
         return 0
     print(f"default: --frontends {DEFAULT_SPEC}\n")
     for row in rows:
@@ -56,4 +57,23 @@ def main(args: argparse.Namespace) -> int:
             print(f"  weights {row['weights_path']}")
             print(f"  sha256  {row['sha256']}")
         print(f"  licence {row['licence']}\n")
+    for row in recognisers:
+        print(f"{row['recogniser']}  (speech recognition: extract.asr.recogniser)")
+        print(f"  weights {row['weights']}\n  sha256  {row['sha256']}" if row["status"] == "ok"
+              else f"  unavailable: {row['status']}")
+        print(f"  licence {row['licence']}\n")
     return 0
+
+
+def recogniser_rows() -> list[dict]:
+    """The registered speech recognisers (extractors/asr.py), checked without loading them."""
+    from msaflow.extractors.asr import ASR_REGISTRY, AsrConfig, AsrUnavailable, check_available
+
+    rows = []
+    for name, cls in sorted(ASR_REGISTRY.items()):
+        try:
+            rows.append({**check_available(AsrConfig(recogniser=name)), "licence": cls.licence, "status": "ok"})
+        except AsrUnavailable as err:
+            rows.append({"recogniser": name, "weights": None, "sha256": None, "licence": cls.licence,
+                         "status": str(err)})
+    return rows

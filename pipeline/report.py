@@ -79,17 +79,34 @@ def data_section(shards: Path) -> Section:
         splits = dict(sorted(summary.get("splits", {}).items()))
         if "total" in summary:
             splits["total"] = summary["total"]
-        columns = ["manifest_rows", "samples", "failures", "no_face", "no_audio", "empty_text", "shards"]
+        columns = ["manifest_rows", "samples", "failures", "no_face", "no_audio", "empty_text", "text_given",
+                   "text_recognised", "shards"]
         rows = [[name] + [counts.get(c) for c in columns] for name, counts in splits.items()]
         body = md_table(["split"] + columns, rows)
         body += f"\n\nMode `{summary.get('mode')}`; extract config hash `{str(summary.get('config_hash'))[:12]}`, " \
                 f"manifest hash `{str(summary.get('manifest_hash'))[:12]}`."
+        body += "\n\n" + transcripts_line(shards, summary.get("total", {}))
         return Section("Data", body)
     rows = []
     for index_path in sorted(shards.glob("*/index.json")):
         index = json.loads(index_path.read_text(encoding="utf-8"))
         rows.append([index["split"], index.get("mode"), index["n_samples"], len(index.get("shards", []))])
     return Section("Data", md_table(["split", "mode", "samples", "shards"], rows) if rows else "_no shards found_")
+
+
+def transcripts_line(shards: Path, total: dict) -> str:
+    """Where the samples' transcripts came from: given in the dataset, recognised from speech, none."""
+    if "text_recognised" not in total:
+        return f"Transcripts: {total.get('samples', 0) - total.get('empty_text', 0)} given, none recognised " \
+               f"(shards made before transcript sources were recorded)."
+    recognisers = set()
+    for index_path in sorted(shards.glob("*/index.json")):
+        asr = json.loads(index_path.read_text(encoding="utf-8")).get("asr")
+        if asr:
+            recognisers.add(f"`{asr.get('recogniser')}`, weights sha256 `{str(asr.get('sha256'))[:12]}`")
+    by = f" by speech recognition ({'; '.join(sorted(recognisers))})" if recognisers else ""
+    return (f"Transcripts: {total['text_given']} given, {total['text_recognised']} recognised{by}, "
+            f"{total.get('empty_text', 0)} samples without text.")
 
 
 def failures_section(shards: Path) -> Section:

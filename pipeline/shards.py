@@ -31,6 +31,7 @@ from tqdm import tqdm
 from msaflow import __version__
 from msaflow.datasets.base import SPLITS
 from msaflow.extractors.audio import STEPS_PER_SECOND
+from msaflow.extractors.asr import text_source
 from msaflow.pipeline.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
 from msaflow.pipeline.lock import output_lock
 from msaflow.pipeline.tario import TarWriter, atomic_path, check_tar, remove_stale_temp, write_json_atomic
@@ -207,6 +208,9 @@ class SplitResult:
     no_face: int = 0
     no_audio: int = 0
     empty_text: int = 0
+    text_given: int = 0
+    text_recognised: int = 0
+    asr: dict | None = None  # the recogniser of the recognised transcripts (name, weights, sha256)
 
     @property
     def samples(self) -> int:
@@ -350,7 +354,10 @@ _FROM_MANIFEST = ("video_id", "clip_id", "text", "split", "label", "label_T", "l
 
 
 def stale_fields(meta: dict, row: dict) -> list[str]:
-    """Fields where a clip's json disagrees with its manifest row (labels compared as numbers)."""
+    """Fields where a clip's json disagrees with its manifest row (labels compared as numbers; a
+    recognised transcript is compared by the manifest's text it replaced, `given_text`)."""
+    if "given_text" in meta:
+        meta = {**meta, "text": meta["given_text"]}
     def same(a, b) -> bool:
         if isinstance(b, float) or isinstance(a, float):
             a_missing = a is None or (isinstance(a, float) and math.isnan(a))
@@ -395,6 +402,11 @@ def _plan_split(split: str, rows: list[dict], extract_dir: Path, failures: list[
         result.no_face += clip.meta.get("n_face_frames") == 0
         result.no_audio += not clip.meta.get("has_audio", True)
         result.empty_text += not clip.meta.get("has_text", True)
+        source = text_source(clip.meta)
+        result.text_given += source == "given"
+        result.text_recognised += source == "recognised"
+        if source == "recognised" and result.asr is None:
+            result.asr = {k: clip.meta["asr"].get(k) for k in ("recogniser", "weights", "sha256")}
     return result
 
 
@@ -434,7 +446,8 @@ def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsCo
 
 
 def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
-                  config_hash: str, frontends_spec: str | None = None, remove_packed: bool = False) -> dict:
+                  config_hash: str, frontends_spec: str | None = None, remove_packed: bool = False,
+                  extract_settings: dict | None = None) -> dict:
     """Write shards, index.json per split, failures.csv and (last) summary.json; return the summary.
 
     `frontends_spec` (the extract config's `frontends`) describes the front-ends of features
@@ -467,7 +480,9 @@ def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsC
         write_json_atomic(out_dir / r.split / "index.json", {
             "split": r.split, "mode": mode, "n_samples": r.samples, "shards": r.shards,
             "modalities": r.modalities, "frontends": frontends, "config_hash": config_hash,
+            "text_sources": {"given": r.text_given, "recognised": r.text_recognised}, "asr": r.asr,
             "manifest_hash": manifest_hash, "msaflow_version": __version__,
+            **({"extract": extract_settings} if extract_settings else {}),  # the settings `config_hash` hashes
         })
     order = {row["id"]: i for i, row in enumerate(rows)}
     failures.sort(key=lambda f: order[f["id"]])
@@ -480,7 +495,8 @@ def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsC
         "mode": mode, "config_hash": config_hash, "manifest_hash": manifest_hash,
         "splits": {r.split: {"manifest_rows": r.manifest_rows, "samples": r.samples, "shards": len(r.shards),
                              "failures": r.failures, "no_face": r.no_face, "no_audio": r.no_audio,
-                             "empty_text": r.empty_text} for r in results},
+                             "empty_text": r.empty_text, "text_given": r.text_given,
+                             "text_recognised": r.text_recognised} for r in results},
     }
     summary["total"] = {k: sum(s[k] for s in summary["splits"].values())
                         for k in next(iter(summary["splits"].values()))}
@@ -577,8 +593,9 @@ def packed_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsC
 
 
 def format_summary(summary: dict) -> str:
-    columns = ["manifest_rows", "samples", "shards", "failures", "no_face", "no_audio", "empty_text"]
-    rows = [[name, *(str(counts[c]) for c in columns)]
+    columns = ["manifest_rows", "samples", "shards", "failures", "no_face", "no_audio", "empty_text",
+               "text_given", "text_recognised"]
+    rows = [[name, *(str(counts.get(c, "")) for c in columns)]
             for name, counts in [*summary["splits"].items(), ("total", summary["total"])]]
     header = ["split", *columns]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -626,7 +643,8 @@ def main(args: argparse.Namespace) -> int:
             clips = args.extract_dir / "clips"
             before = sum(p.stat().st_size for p in clips.glob("*.tar")) if args.remove_packed else 0
             summary = build_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash,
-                                   used.get("frontends"), remove_packed=args.remove_packed)
+                                   used.get("frontends"), remove_packed=args.remove_packed,
+                                   extract_settings=used)
             if args.remove_packed:
                 after = sum(p.stat().st_size for p in clips.glob("*.tar"))
                 print(f"removed the packed clip tars ({(before - after) / 1e6:.1f} MB); "

@@ -113,7 +113,8 @@ def test_shards_index_failures_summary(tmp_path, capsys):
                          "reason": "decode: zero-byte file"}]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["splits"]["train"] == {"manifest_rows": 6, "samples": 5, "shards": 3, "failures": 1,
-                                          "no_face": 1, "no_audio": 1, "empty_text": 1}
+                                          "no_face": 1, "no_audio": 1, "empty_text": 1, "text_given": 4,
+                                          "text_recognised": 0}
     assert summary["total"]["samples"] == 6
 
 
