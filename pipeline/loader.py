@@ -28,6 +28,12 @@ reads its shards front to back, seeking over the samples it does not own. Every 
 worker opens is checked whole (sample count against `index.json`, member sets, member
 bounds): a truncated or corrupt shard raises `ShardError` naming the file, never a silently
 short epoch. Arrays are decoded with `np.load(..., allow_pickle=False)` only.
+
+A shard folder is a local path or a URL: any fsspec URL (`s3://bucket/shards`, `gs://...`,
+`http(s)://host/shards`; the `remote` extra installs the S3 and HTTP back-ends, an S3-compatible
+store is reached with `AWS_ENDPOINT_URL`), or a WebDataset-style `pipe:` command template whose
+`{path}` is replaced by the file's path inside the folder (`pipe:aws s3 cp s3://b/shards/{path} -`),
+its standard output read to a temporary file. Only opening files differs (`ShardLocation`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ import io
 import json
 import math
 import os
+import re
+import shutil
+import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,9 +118,86 @@ DEFAULT_SHUFFLE_BUFFER = {"features": 1000, "raw": 128}
 # ---------------------------------------------------------------------------- index.json
 
 
+# ---------------------------------------------------------------------------- locations
+
+
+@dataclass(frozen=True)
+class ShardLocation:
+    """A file or folder of a shard set named by URL: fsspec (`s3://`, `http(s)://`, ...) or `pipe:CMD`.
+
+    `/` joins names as for a Path; `str()` is the URL (for `pipe:`, the command with `{path}` filled in).
+    """
+
+    url: str
+    rel: str = ""
+
+    def __truediv__(self, name: str) -> "ShardLocation":
+        return ShardLocation(self.url, f"{self.rel}/{name}" if self.rel else str(name))
+
+    @property
+    def name(self) -> str:
+        return (self.rel or self.url.rstrip("/")).rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        if self.url.startswith("pipe:"):
+            return self.url.replace("{path}", self.rel)
+        return f"{self.url.rstrip('/')}/{self.rel}" if self.rel else self.url
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def shard_location(location: str | os.PathLike) -> Path | ShardLocation:
+    """A local Path, or a ShardLocation for a URL (`scheme://...`) or a `pipe:` command template."""
+    if isinstance(location, ShardLocation):
+        return location
+    text = os.fspath(location)
+    if text.startswith("pipe:"):
+        if "{path}" not in text:
+            raise ShardError(f"{text}: a pipe: shard folder needs {{path}} where a file's path inside it goes")
+        return ShardLocation(text)
+    if _URL.match(text) and not text.startswith("file://"):
+        return ShardLocation(text)
+    return Path(text.removeprefix("file://"))
+
+
+def open_shard_file(location: Path | ShardLocation):
+    """A readable, seekable binary file object for a local path, an fsspec URL or a pipe: command."""
+    if isinstance(location, Path):
+        return open(location, "rb")
+    if location.url.startswith("pipe:"):
+        spool = tempfile.SpooledTemporaryFile(max_size=64 << 20)  # larger shards spill to a temporary file
+        with tempfile.TemporaryFile() as errors:
+            proc = subprocess.Popen(str(location)[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=errors)
+            with proc.stdout:
+                shutil.copyfileobj(proc.stdout, spool, 1 << 20)
+            if proc.wait() != 0:
+                spool.close()
+                errors.seek(0)
+                message = errors.read().decode("utf-8", "replace").strip()[-500:]
+                raise FileNotFoundError(f"command exited with status {proc.returncode}: {message}")
+        spool.seek(0)
+        return spool
+    try:
+        import fsspec
+    except ImportError as exc:  # pragma: no cover - fsspec comes with torch
+        raise ShardError(f"{location}: reading shards by URL needs fsspec: pip install 'msaflow[remote]'") from exc
+    try:
+        return fsspec.open(str(location), "rb").open()
+    except (ImportError, ValueError) as exc:  # no back-end for the scheme
+        raise ShardError(f"{location}: no fsspec back-end for this URL ({exc}): pip install 'msaflow[remote]'") from exc
+
+
+def _file_size(fileobj) -> int:
+    position = fileobj.tell()
+    size = fileobj.seek(0, io.SEEK_END)
+    fileobj.seek(position)
+    return size
+
+
 @dataclass(frozen=True)
 class ShardEntry:
-    path: Path
+    path: Path | ShardLocation
     n_samples: int  # samples used from this shard
     n_stored: int | None = None  # samples the file holds, when more than are used (`SplitIndex.limited`)
 
@@ -135,13 +222,16 @@ class SplitIndex:
 
     @classmethod
     def load(cls, split_dir: str | os.PathLike, mode_hint: str | None = None) -> "SplitIndex":
-        split_dir = Path(split_dir)
+        split_dir = shard_location(split_dir)
         path = split_dir / "index.json"
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            with open_shard_file(path) as f:
+                raw = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError as exc:
             raise ShardError(f"{path}: no index.json (is {split_dir} a split folder written by `msaflow shards`?)") from exc
-        except (OSError, ValueError) as exc:
+        except ShardError:
+            raise
+        except Exception as exc:  # OSError, bad JSON, or a remote back-end's own error
             raise ShardError(f"{path}: unreadable index.json ({exc})") from exc
         try:
             mode = raw["mode"]
@@ -340,11 +430,18 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
                 yield sample
 
     try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as exc:
+        fileobj = open_shard_file(path)
+    except ShardError:
+        raise
+    except Exception as exc:  # OSError, or a remote back-end's own error
         raise ShardError(f"{path}: cannot open shard ({exc})") from exc
-    with tar:
-        size = os.fstat(tar.fileobj.fileno()).st_size
+    try:
+        size = _file_size(fileobj)
+        tar = tarfile.open(fileobj=fileobj, mode="r:")
+    except (tarfile.TarError, OSError) as exc:
+        fileobj.close()
+        raise ShardError(f"{path}: cannot open shard ({exc})") from exc
+    with fileobj, tar:
         offset, key, suffixes, blobs = -1, None, set(), {}
         seen_keys: set[str] = set()
         try:
@@ -551,7 +648,7 @@ def make_loader(shard_dir: str | os.PathLike, split: str, batch_size: int, *, sh
     `loader.dataset.set_epoch(e)` (or make a new loader) for each epoch.
     """
     default_rank, default_world = _default_rank_world()
-    dataset = ShardDataset(Path(shard_dir) / split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+    dataset = ShardDataset(shard_location(shard_dir) / split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                            rank=default_rank if rank is None else rank,
                            world_size=default_world if world_size is None else world_size,
                            mode_hint=mode_hint, drop_last=drop_last, shuffle_buffer=shuffle_buffer,
