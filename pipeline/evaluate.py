@@ -9,14 +9,24 @@ per seed. Which rates a run is scored at:
 - `per-rate` runs: only the rate the run was trained at (the paper's protocol), unless
   `--rates` is given explicitly.
 Writes metrics.json (shape in docs/model.md) and the same table as CSV beside it.
+
+What it scored is said and recorded: the data (path and `data_hash`, the sha256 of the
+shards' index.json files or of the pickle), the runs, the model. A run's own test metrics
+(`metrics.json` in its folder, written by `msaflow train`) are reused only when the data
+has the hash the run recorded at training time; any other data is scored afresh. Runs of
+different models or settings (anything but the seed and, for per-rate runs, the rate) are
+not pooled: the command stops and names what differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import logging
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,6 +43,33 @@ from msaflow.pipeline.distributed import to_device
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
 DEFAULT_GRID = "0.0:1.0:0.1"
+log = logging.getLogger("msaflow.evaluate")
+# RunConfig keys that may differ between runs pooled into one result (seeds; the per-rate
+# protocol's rates), and the ones that say nothing about the model (paths, machine settings)
+POOLED_KEYS = ("seed", "missing_rate", "data", "data_hash", "threads", "workers", "extract", "modalities",
+               "text_cache")
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """sha256 of a shard folder's split index files (they hold every shard's sha256) or of a pickle's
+    bytes: the identity of the data a run trained or was scored on."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for index in sorted(path.glob("*/index.json")):
+            digest.update(index.parent.name.encode() + b"\0" + index.read_bytes() + b"\0")
+        return digest.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _FINGERPRINTS[key] = digest.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def parse_rates(spec: str) -> list[float]:
@@ -88,14 +125,28 @@ def predict(model, batches: Iterable[dict], *, split_name: str = "test", corrupt
 
 
 def score(model, make_batches: Callable[[], Iterable[dict]], rates: list[float], *, corruption: str, mask_seed: int,
-          dataset: str, unk_id: int, text_cache=None) -> dict:
-    """Metrics at every rate; `make_batches()` gives a fresh pass over the test split each time."""
+          dataset: str, unk_id: int, text_cache=None, label_summary: dict | None = None, phase: str = "test") -> dict:
+    """Metrics at every rate; `make_batches()` gives a fresh pass over the test split each time.
+    A progress line per rate; `label_summary` (a dict) is filled with the labels' count, range and
+    number of distinct values (constant labels leave Corr and the Acc-2 family undefined)."""
     per_rate = {}
-    for r in rates:
+    t0 = time.monotonic()
+    for i, r in enumerate(rates):
+        t = time.monotonic()
         pred, label, extras = predict(model, make_batches(), corruption=corruption, level=r, mask_seed=mask_seed,
                                       unk_id=unk_id, text_cache=text_cache)
         per_rate[rate_key(r)] = {**compute_metrics(pred, label, dataset=dataset), **extras}
+        if label_summary is not None and not label_summary:
+            label_summary.update(summarise_labels(label))
+        m = per_rate[rate_key(r)]
+        log.info(f"scored {phase} at {corruption} {r:g} ({i + 1}/{len(rates)}): MAE {m['MAE']:.4f}  "
+                 f"({time.monotonic() - t:.0f} s, {time.monotonic() - t0:.0f} s in all)")
     return per_rate
+
+
+def summarise_labels(label: np.ndarray) -> dict:
+    values = np.unique(np.asarray(label, dtype=np.float64))
+    return {"n": int(len(label)), "distinct": int(len(values)), "min": float(values[0]), "max": float(values[-1])}
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, "torch.nn.Module"]:
@@ -127,21 +178,31 @@ def run_source(run: dict, data: Path, run_dir: Path):
     return source, Normaliser.load(run_dir)
 
 
-def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str) -> tuple[dict, int]:
-    """({rate: metrics}, n_test) of one run scored on `data`."""
+def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str, rescore: bool = False,
+                data_hash: str | None = None, info: dict | None = None) -> tuple[dict, int]:
+    """({rate: metrics}, n_test) of one run scored on `data`. The run's own test metrics are reused
+    when `data` has the hash recorded for the run (the test set stays touched once); `info` (a dict)
+    gets "reused" (bool) and "labels" (the test labels' summary, when known)."""
+    info = {} if info is None else info
     run = json.loads((run_dir / "config.json").read_text())
-    saved = run_dir / "metrics.json"  # written by `msaflow train` at the end: reuse, the test set stays touched once
-    if corruption == "missing" and saved.is_file() and same_data(run["data"], data):
+    data_hash = data_hash or data_fingerprint(data)
+    saved = run_dir / "metrics.json"  # written by `msaflow train` at the end
+    info["reused"] = False
+    if corruption == "missing" and saved.is_file() and not rescore and run.get("data_hash") == data_hash:
         metrics = json.loads(saved.read_text())
         if all(rate_key(r) in metrics["rates"] for r in rates):
+            info.update(reused=True, labels=metrics.get("labels") or {})
             return {rate_key(r): metrics["rates"][rate_key(r)] for r in rates}, metrics["n_test"]
     run, model = load_run(run_dir)
     source, normalise = run_source(run, data, run_dir)
     splits = source.splits if isinstance(source, PickleSource) else None
     cache = run_text_cache(run, splits, [("test", r) for r in rates] if corruption == "missing" else [("test", 0.0)])
+    labels: dict = {}
     per_rate = score(model, lambda: (normalise(b) for b in source.batches("test", source.eval_batch_size)), rates,
                      corruption=corruption, mask_seed=run["mask_seed"], dataset=run["dataset"],
-                     unk_id=run["model_config"]["unk_id"], text_cache=cache)
+                     unk_id=run["model_config"]["unk_id"], text_cache=cache, label_summary=labels,
+                     phase=f"{run_dir} on test ({source.size('test')} samples)")
+    info["labels"] = labels
     return per_rate, source.size("test")
 
 
@@ -208,46 +269,108 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="missing: drop features at rate r; noise: add level*N(0,1) to audio/vision")
     p.add_argument("-o", "--out", type=Path, required=True, help="metrics.json to write (CSV beside it)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rescore", action="store_true",
+                   help="score the test split again even where the run's own metrics.json has the rates")
+
+
+def pooling_problem(run_dirs: list[Path], runs: list[dict]) -> str | None:
+    """Why these runs cannot be pooled as seeds of one configuration, or None."""
+    def key(run: dict) -> dict:
+        cfg = {k: v for k, v in run.items() if k not in POOLED_KEYS}
+        if run.get("protocol") == "per-rate":  # each run validates at its own rate by default
+            cfg.pop("valid_rates", None)
+        cfg["optim_config"] = {k: v for k, v in (run.get("optim_config") or {}).items()}
+        return cfg
+
+    first = key(runs[0])
+    for run_dir, run in zip(run_dirs[1:], runs[1:]):
+        other = key(run)
+        differ = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if differ:
+            detail = differ[0]
+            a, b = first.get(detail), other.get(detail)
+            if isinstance(a, dict) and isinstance(b, dict):
+                inner = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                detail, a, b = f"{detail}.{inner[0]}", a.get(inner[0]), b.get(inner[0])
+            return (f"runs {run_dirs[0]} and {run_dir} differ in {', '.join(differ)} ({detail}: {a!r} vs {b!r}): "
+                    f"they are not seeds of one configuration; evaluate each configuration separately "
+                    f"(one -o per model)")
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        evaluate_runs(args)
+    except DataError as exc:
+        log.error(f"msaflow evaluate: error: {' '.join(str(exc).split())}")
+        return 2
+    return 0
+
+
+def evaluate_runs(args: argparse.Namespace) -> dict:
+    """`msaflow evaluate` with parsed arguments; the metrics written. DataError on a user error."""
     torch.set_num_threads(args.threads)
     not_runs = [str(d) for d in args.runs if not (Path(d) / "config.json").is_file()]
     if not_runs:
-        raise SystemExit(f"not training run directories (no config.json): {', '.join(not_runs)}")
+        raise DataError(f"not training run folders (no config.json): {', '.join(not_runs)}; give the -o folders "
+                        f"of `msaflow train`")
+    if not Path(args.data).exists():
+        raise DataError(f"{args.data}: no such file or folder (--data: the shard folder or pickle to score on)")
+    try:
+        explicit = parse_rates(args.rates) if args.rates else None
+    except ValueError as exc:
+        raise DataError(f"--rates {args.rates!r}: {exc} (give START:STOP:STEP or a comma list)") from exc
     runs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
-    for key in ("zscore", "limit"):
-        if len({r.get(key) for r in runs}) != 1:
-            raise SystemExit(f"runs disagree on {key!r}; evaluate them separately")
-    results, n_test = [], set()
+    problem = pooling_problem([Path(d) for d in args.runs], runs)
+    if problem:
+        raise DataError(problem)
+    unfinished = [str(d) for d in args.runs if not (Path(d) / "best.pt").is_file()]
+    if unfinished:
+        raise DataError(f"no best.pt in {', '.join(unfinished)}: training has not finished an epoch there; "
+                        f"run its `msaflow train` command again (it resumes)")
+    data_hash = data_fingerprint(args.data)
+    log.info(f"scoring {len(runs)} run(s) of {runs[0]['model']} ({runs[0]['protocol']}) on {args.data} "
+             f"(data {data_hash[:12]}) at {args.corruption}")
+    results, n_test, reused, labels = [], set(), [], {}
     for run_dir, run in zip(args.runs, runs):
-        if args.rates:
-            rates = parse_rates(args.rates)
+        if explicit is not None:
+            rates = explicit
         elif run["protocol"] == "per-rate" and args.corruption == "missing":
             rates = [run["missing_rate"]]
         else:
             rates = parse_rates(DEFAULT_GRID)
-        print(f"{run_dir}: {run['model']} seed {run['seed']} at {args.corruption} {rates}", flush=True)
-        try:
-            per_rate, n = run_metrics(Path(run_dir), args.data, rates, args.corruption)
-        except DataError as exc:
-            print(f"msaflow evaluate: error: {exc}", file=sys.stderr)
-            return 2
+        same = run.get("data_hash") == data_hash
+        log.info(f"{run_dir}: {run['model']} seed {run['seed']} at {args.corruption} {rates} "
+                 f"({'the data it trained on' if same else 'other data than it trained on: scored afresh'})")
+        info: dict = {}
+        per_rate, n = run_metrics(Path(run_dir), args.data, rates, args.corruption, args.rescore,
+                                  data_hash=data_hash, info=info)
+        if info.get("reused"):
+            reused.append(str(run_dir))
+        labels = labels or info.get("labels") or {}
         results.append((run, per_rate))
         n_test.add(n)
     metrics = combine(results)
     metrics.update({
         "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test),
         "corruption": args.corruption,
+        "model": runs[0]["model"],
         "models": sorted({r["model"] for r in runs}),
         "protocols": sorted({r["protocol"] for r in runs}),
+        "seeds": sorted({r["seed"] for r in runs}),
         "runs": [str(d) for d in args.runs],
+        "data": str(args.data),
+        "data_hash": data_hash,
+        "reused_run_metrics": reused,
+        "labels": labels,
     })
     write_json_atomic(args.out, metrics)
     write_csv(args.out.with_suffix(".csv"), metrics)
     for r, m in metrics["rates"].items():
-        print(f"{args.corruption} {r:>5}: MAE {m['MAE']:.3f}  Corr {m['Corr'] or float('nan'):.3f}  "
-              f"Acc-2 {m.get('Acc-2_non0') or float('nan'):.1f}")
+        log.info(f"{args.corruption} {r:>5}: MAE {m['MAE']:.3f}  Corr {m['Corr'] or float('nan'):.3f}  "
+                 f"Acc-2 {m.get('Acc-2_non0') or float('nan'):.1f}")
     if "AUILC" in metrics:
-        print("AUILC:", {k: None if v is None else round(v, 3) for k, v in metrics["AUILC"].items()})
-    return 0
+        log.info(f"AUILC: {({k: None if v is None else round(v, 3) for k, v in metrics['AUILC'].items()})}")
+    log.info(f"wrote {args.out} and {args.out.with_suffix('.csv').name}: {metrics['model']} "
+             f"({', '.join(metrics['protocols'])}), {len(runs)} run(s), on {args.data} (data {data_hash[:12]})")
+    return metrics
