@@ -62,7 +62,12 @@ class Prediction:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("video", type=Path, help="video file (any format ffmpeg reads)")
+    p.add_argument("video", type=Path, nargs="?", help="video file (any format ffmpeg reads), or a folder of "
+                   "videos (every clip scored, a CSV written: -o)")
+    p.add_argument("--manifest", type=Path, help="CSV of clips to score (`path` or `file`, optional `id`, `text`, "
+                   "`start`, `end`; an msaflow manifest works): a CSV of scores is written (-o)")
+    p.add_argument("-o", "--out", type=Path, help="folder / --manifest mode: the CSV of scores to write "
+                   "(default predictions.csv)")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="training run directory (config.json + best.pt) or a .pt state dict beside config.json")
     p.add_argument("--text", default="", help="transcript of the clip (empty = text missing)")
@@ -135,7 +140,7 @@ def extract_config(run: dict, override: Path | None, model_name: str):
             cfg = load_config(override)
         except (OSError, ValueError) as exc:
             raise UnusableInput(str(exc)) from exc
-    elif "extract" in run:
+    elif run.get("extract"):
         cfg = ExtractConfig.model_validate(run["extract"])
     else:
         mode = "raw" if model_name == "end-to-end" else "features"
@@ -144,6 +149,17 @@ def extract_config(run: dict, override: Path | None, model_name: str):
         cfg = ExtractConfig(mode=mode)
     shards = training_shards(run)
     if shards is not None:
+def shards_extract_settings(run: dict) -> dict | None:
+    """The extraction settings the training shards' index records, when they are reachable."""
+    shards = training_shards(run)
+    if shards is None:
+        return None
+    try:
+        return json.loads((shards / "train" / "index.json").read_text(encoding="utf-8")).get("extract") or None
+    except (OSError, ValueError):
+        return None
+
+
         index = json.loads((shards / "train" / "index.json").read_text(encoding="utf-8"))
         recorded = index.get("config_hash")
         if recorded and recorded != extract_config_hash(cfg.model_dump(mode="json")):
@@ -156,6 +172,8 @@ def extract_config(run: dict, override: Path | None, model_name: str):
 # ---------------------------------------------------------------- one clip
 
 
+    elif (recorded := shards_extract_settings(run)) is not None:  # a run from before runs recorded them
+        cfg = ExtractConfig.model_validate(recorded)
 def check_video(path: Path) -> None:
     if not path.is_file():
         raise UnusableInput(f"{path}: file not found")
@@ -163,16 +181,17 @@ def check_video(path: Path) -> None:
         raise UnusableInput(f"{path}: empty file (0 bytes)")
 
 
-def extract_members(video: Path, text: str, start: float | None, end: float | None, cfg, device: str) -> dict:
-    """The clip's members (raw or features mode, as `cfg.mode` says), via the extractor of `msaflow extract`."""
+def extract_members(video: Path, text: str, start: float | None, end: float | None, cfg, device: str,
+                    frontends=None) -> dict:
+    """The clip's members (raw or features mode, as `cfg.mode` says), via the extractor of `msaflow extract`
+    (`frontends`: the features-mode front-ends already built, kept across clips)."""
     import torch
 
     from msaflow.extractors.clip import ClipExtractor, ClipJob
     from msaflow.extractors.video import DecodeError
     from msaflow.pipeline.tario import read_sample_tar
 
-    frontends = None
-    if cfg.mode == "features":
+    if cfg.mode == "features" and frontends is None:
         from msaflow.extractors import frontends as fe
 
         frontends = fe.build(fe.parse_spec(cfg.frontends), device)
@@ -261,3 +280,7 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))
     return 0
+    if args.manifest is not None or args.video is None or args.video.is_dir():  # many clips: a CSV of scores
+        from msaflow.pipeline.api import predict_many_main
+
+        return predict_many_main(args)
