@@ -149,6 +149,17 @@ def training_shards(run: dict) -> Path | None:
     return Path(data) if data and is_shard_dir(data) else None
 
 
+def shards_extract_settings(run: dict) -> dict | None:
+    """The extraction settings the training shards' index records, when they are reachable."""
+    shards = training_shards(run)
+    if shards is None:
+        return None
+    try:
+        return json.loads((shards / "train" / "index.json").read_text(encoding="utf-8")).get("extract") or None
+    except (OSError, ValueError):
+        return None
+
+
 def extract_config(run: dict, override: Path | None, model_name: str):
     """The extraction settings of the training data; checked against the shards' config hash."""
     from msaflow.pipeline.config import extract_config_hash
@@ -161,6 +172,8 @@ def extract_config(run: dict, override: Path | None, model_name: str):
             raise UnusableInput(str(exc)) from exc
     elif run.get("extract"):
         cfg = ExtractConfig.model_validate(run["extract"])
+    elif (recorded := shards_extract_settings(run)) is not None:  # a run from before runs recorded them
+        cfg = ExtractConfig.model_validate(recorded)
     else:
         mode = "raw" if model_name == "end-to-end" else "features"
         print(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
@@ -168,17 +181,6 @@ def extract_config(run: dict, override: Path | None, model_name: str):
         cfg = ExtractConfig(mode=mode)
     shards = training_shards(run)
     if shards is not None:
-def shards_extract_settings(run: dict) -> dict | None:
-    """The extraction settings the training shards' index records, when they are reachable."""
-    shards = training_shards(run)
-    if shards is None:
-        return None
-    try:
-        return json.loads((shards / "train" / "index.json").read_text(encoding="utf-8")).get("extract") or None
-    except (OSError, ValueError):
-        return None
-
-
         index = json.loads((shards / "train" / "index.json").read_text(encoding="utf-8"))
         recorded = index.get("config_hash")
         if recorded and recorded != extract_config_hash(cfg.model_dump(mode="json")):
@@ -191,8 +193,6 @@ def shards_extract_settings(run: dict) -> dict | None:
 # ---------------------------------------------------------------- one clip
 
 
-    elif (recorded := shards_extract_settings(run)) is not None:  # a run from before runs recorded them
-        cfg = ExtractConfig.model_validate(recorded)
 def check_video(path: Path) -> None:
     if not path.is_file():
         raise UnusableInput(f"{path}: file not found")
@@ -309,6 +309,10 @@ def _device(name: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.manifest is not None or args.video is None or args.video.is_dir():  # many clips: a CSV of scores
+        from msaflow.pipeline.api import predict_many_main
+
+        return predict_many_main(args)
     try:
         result = predict(args.video, args.checkpoint, args.text, start=args.start, end=args.end,
                          extract_override=args.extract_config, device=_device(args.device), use_asr=not args.no_asr)
@@ -317,7 +321,3 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))
     return 0
-    if args.manifest is not None or args.video is None or args.video.is_dir():  # many clips: a CSV of scores
-        from msaflow.pipeline.api import predict_many_main
-
-        return predict_many_main(args)
