@@ -78,16 +78,17 @@ class TextEncoder(nn.Module):
 
 
 class SequenceEncoder(nn.Module):
-    """1-layer unidirectional LSTM + Linear (released EMT-DLFR audio/vision encoder).
+    """1-layer unidirectional LSTM + Linear (released EMT-DLFR audio/vision encoder, `AuViSubNet`).
 
-    utterance = linear(last valid hidden state); local = linear(every output).
+    utterance = linear(last valid hidden state); local = linear(every output). As released, the
+    linear layer is an Identity when the LSTM's width already is the output width.
     A sequence of length 0 (modality absent from the clip) is read as one zero step.
     """
 
     def __init__(self, d_in: int, hidden: int, d_out: int):
         super().__init__()
         self.lstm = nn.LSTM(d_in, hidden, num_layers=1, batch_first=True)
-        self.linear = nn.Linear(hidden, d_out)
+        self.linear = nn.Linear(hidden, d_out) if hidden != d_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> Encoded:
         max_len = x.shape[1]

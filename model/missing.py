@@ -6,6 +6,10 @@ also not [CLS] (first) nor [SEP] (last). A dropped token becomes [UNK], a droppe
 vision step becomes zeros; lengths and padding masks stay as they are. The drop masks go
 into the batch as `<modality>_missing` (B, T) bool so the reconstruction loss can find them.
 
+The rate is one number for the whole batch (the EMT-DLFR protocols), or per sample and per
+modality: a (B,) tensor, or a dict modality -> number or (B,) tensor (the `lnln` protocol:
+every sample and modality its own rate, pipeline/protocols.py).
+
 Two ways to draw the masks:
 - `generator`: a fresh draw per call (training default: a new mask every batch);
 - `seed`: fixed per sample — the uniforms come from a generator seeded by (seed, modality,
@@ -65,16 +69,38 @@ def _uniforms(batch: dict, modality: str, generator: torch.Generator | None, see
     return torch.rand(len(batch["id"]), width, generator=generator)
 
 
-def drop_masks(batch: dict, rate: float, *, generator: torch.Generator | None = None,
+Rate = float | torch.Tensor | dict  # one rate, (B,) per-sample rates, or modality -> either
+
+
+def modality_rate(rate: Rate, modality: str, n: int):
+    """The rate of `modality` as a float or an (n,) float32 tensor; checked to lie in [0, 1]."""
+    r = rate.get(modality, 0.0) if isinstance(rate, dict) else rate
+    if isinstance(r, torch.Tensor):
+        r = r.detach().float().cpu().reshape(-1)
+        if r.numel() != n:
+            raise ValueError(f"{modality}: {r.numel()} per-sample missing rates for a batch of {n}")
+        if r.numel() and not (0.0 <= float(r.min()) and float(r.max()) <= 1.0):
+            raise ValueError(f"{modality}: missing rates must lie in [0, 1], got {float(r.min())} ... {float(r.max())}")
+        return r
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"missing rate must lie in [0, 1], got {r}")
+    return r
+
+
+def drop_masks(batch: dict, rate: Rate, *, generator: torch.Generator | None = None,
                seed: int | None = None, modalities: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """modality -> (B, T) bool, True where the position is dropped (always a valid position)."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"missing rate must lie in [0, 1], got {rate}")
+    """modality -> (B, T) bool, True where the position is dropped (always a valid position).
+    `rate`: one rate, (B,) per-sample rates, or a dict modality -> either (absent modality: 0)."""
+    n = len(batch["id"])
+    chosen = modalities or present_modalities(batch)
+    rates = {m: modality_rate(rate, m, n) for m in chosen}  # checked before any draw
     masks = {}
-    for m in modalities or present_modalities(batch):
+    for m in chosen:
         valid = valid_positions(batch, m)
+        r = rates[m]
         # drawn on the CPU whatever the batch's device, so a seed gives the same masks everywhere
-        masks[m] = (_uniforms(batch, m, generator, seed) < rate).to(valid.device) & valid
+        u = _uniforms(batch, m, generator, seed)
+        masks[m] = (u < (r[:, None] if isinstance(r, torch.Tensor) else r)).to(valid.device) & valid
     return masks
 
 
@@ -92,7 +118,7 @@ def apply_drop(batch: dict, masks: dict[str, torch.Tensor], unk_id: int) -> dict
     return out
 
 
-def simulate_missing(batch: dict, rate: float, *, unk_id: int = 100, generator: torch.Generator | None = None,
+def simulate_missing(batch: dict, rate: Rate, *, unk_id: int = 100, generator: torch.Generator | None = None,
                      seed: int | None = None) -> dict:
     return apply_drop(batch, drop_masks(batch, rate, generator=generator, seed=seed), unk_id)
 

@@ -39,6 +39,7 @@ from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, 
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
 from msaflow.pipeline.data import DataError, Normaliser, PickleSource, keep_real, open_source
+from msaflow.pipeline import protocols
 from msaflow.pipeline.distributed import to_device
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 
@@ -113,8 +114,8 @@ def predict(model, batches: Iterable[dict], *, split_name: str = "test", corrupt
         out = model(to_device(view, device))
         preds.append(out["pred"].float().cpu().numpy())
         labels.append(batch["label"].numpy())
-        if "expensive_share" in out:  # dynamic-routing models report their compute use
-            extras["expensive_share"] += float(out["expensive_share"]) * len(batch["id"])
+        for key, value in (out.get("report") or {}).items():  # per-batch means a model reports (DynMM: routing, FLOPs)
+            extras[key] += float(value) * len(batch["id"])
     if not n:
         raise ValueError(f"split {split_name!r} is empty: nothing to score")
     extras = {k: v / n for k, v in extras.items()}
@@ -238,6 +239,16 @@ def combine(results: list[tuple[dict, dict]]) -> dict:
         complete_seeds = [s for s, pr in by_seed.items() if sorted(pr, key=float) == rates]
         if complete_seeds:
             out["AUILC_std"] = aggregate([auilc_table(by_seed[s]) for s in complete_seeds])["std"]
+    average = protocols.rate_average(out["rates"])  # the lnln summary: mean over r = 0.0 ... 0.9
+    if average is not None:
+        out["AVG"] = average
+        out["AVG_rates"] = protocols.LNLN_TEST_GRID
+        per_seed = [a for a in (protocols.rate_average(pr) for pr in by_seed.values()) if a is not None]
+        if per_seed:
+            out["AVG_std"] = aggregate(per_seed)["std"]
+    if results:  # what a results row must say: protocol, encoder, paper switch, deviations from the paper
+        out["settings"] = protocols.run_settings(results[0][0])
+        out["paper"] = all(bool(run.get("paper")) for run, _ in results)
     return out
 
 
@@ -251,6 +262,8 @@ def write_csv(path: Path, metrics: dict) -> None:
         rows = [(r, metrics["rates"][r], metrics["rates_std"].get(r, {})) for r in metrics["rates"]]
         if "AUILC" in metrics:
             rows.append(("AUILC", metrics["AUILC"], metrics.get("AUILC_std", {})))
+        if "AVG" in metrics:  # the lnln protocol's number: mean over r = 0.0 ... 0.9
+            rows.append(("AVG_0.0-0.9", metrics["AVG"], metrics.get("AVG_std", {})))
         for r, mean, std in rows:
             w.writerow([r] + [c for k in keys for c in (_fmt(mean.get(k)), _fmt((std or {}).get(k)))])
 
@@ -280,6 +293,9 @@ def pooling_problem(run_dirs: list[Path], runs: list[dict]) -> str | None:
         if run.get("protocol") == "per-rate":  # each run validates at its own rate by default
             cfg.pop("valid_rates", None)
         cfg["optim_config"] = {k: v for k, v in (run.get("optim_config") or {}).items()}
+        from msaflow.model.baselines import pooling_view
+
+        cfg["model_config"] = pooling_view(run.get("model_config") or {})  # DynMM: experts of each seed
         return cfg
 
     first = key(runs[0])
@@ -335,8 +351,8 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
     for run_dir, run in zip(args.runs, runs):
         if explicit is not None:
             rates = explicit
-        elif run["protocol"] == "per-rate" and args.corruption == "missing":
-            rates = [run["missing_rate"]]
+        elif args.corruption == "missing":
+            rates = protocols.scored_rates(run)  # per-rate: its rate; lnln: 0.0 ... 0.9; else the dataset's grid
         else:
             rates = parse_rates(DEFAULT_GRID)
         same = run.get("data_hash") == data_hash
@@ -371,6 +387,9 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
                  f"Acc-2 {m.get('Acc-2_non0') or float('nan'):.1f}")
     if "AUILC" in metrics:
         log.info(f"AUILC: {({k: None if v is None else round(v, 3) for k, v in metrics['AUILC'].items()})}")
+    if "AVG" in metrics:
+        log.info(f"mean over rates {metrics['AVG_rates']}: "
+                 f"{({k: None if v is None else round(v, 3) for k, v in metrics['AVG'].items()})}")
     log.info(f"wrote {args.out} and {args.out.with_suffix('.csv').name}: {metrics['model']} "
              f"({', '.join(metrics['protocols'])}), {len(runs)} run(s), on {args.data} (data {data_hash[:12]})")
     return metrics

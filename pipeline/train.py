@@ -60,8 +60,8 @@ from msaflow.pipeline.lengths import LengthConfig
 from msaflow.pipeline.lock import output_lock
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
 from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
-
-PROTOCOLS = ("per-rate", "single-model")
+from msaflow.pipeline import protocols
+from msaflow.pipeline.protocols import PROTOCOLS  # per-rate, single-model, lnln (pipeline/protocols.py)
 log = logging.getLogger("msaflow.train")
 PROGRESS_EVERY_S = 60.0  # an in-epoch progress line at most this often when no progress bar is shown
 TEXT_ONLY_MODELS = ("text-only",)  # read text by design: never refused for leaving audio/vision unused
@@ -92,6 +92,8 @@ class RunConfig:
     optim_config: dict = field(default_factory=dict)
     data_hash: str = ""  # sha256 of the shards' index.json files or of the pickle (`evaluate` compares it)
     modalities: dict = field(default_factory=dict)  # {"data": [...], "used": [...], "unused": [...]}
+    complete_share: float = 0.5  # lnln protocol: share of training samples complete, per modality
+    paper: bool = False  # --paper: the released masks, normalisation and selection (pipeline/protocols.py)
 
 
 # Recorded since a later version: a run folder written before lacks them and resumes without them
@@ -119,6 +121,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--freeze-text", action="store_true", help="keep the text encoder frozen (fast CPU mode)")
     p.add_argument("--text-model", help="'minilm' (default) or a local Hugging Face model folder")
+    p.add_argument("--complete-share", type=float, default=0.5,
+                   help="lnln protocol: probability that a training sample keeps a modality complete (rate 0)")
+    p.add_argument("--paper", action="store_true", help="per-rate protocol as released: train masks drawn once, "
+                   "the released normalisation (MOSI/MOSEI none, SIMS z-scored) and selection (total loss)")
     p.add_argument("--fixed-train-masks", action="store_true",
                    help="draw the train masks once per sample (released code) instead of per batch")
     p.add_argument("--valid-rates", help="rates of the validation loss (default: the training rate for per-rate, "
@@ -386,14 +392,15 @@ def build_run_config(args: argparse.Namespace, source, overrides: dict | None = 
         if args.protocol == "per-rate":
             valid_rates = parse_rates(args.valid_rates) if args.valid_rates else [args.missing_rate]
         else:
-            valid_rates = parse_rates(args.valid_rates or "0.0:1.0:0.2")
+            valid_rates = (parse_rates(args.valid_rates) if args.valid_rates
+                           else protocols.default_valid_rates(args.protocol, args.dataset, args.missing_rate))
     except ValueError as exc:
         raise DataError(f"--valid-rates {args.valid_rates!r}: {exc} (give START:STOP:STEP or a comma list)") from exc
     if isinstance(source, PickleSource):
         extract_section = {}
     else:
         extract_section = shards_extract_settings(Path(args.data), overrides["extract"])
-    return RunConfig(
+    run = RunConfig(
         data=str(args.data), model=args.model, dataset=args.dataset, protocol=args.protocol,
         missing_rate=args.missing_rate, seed=args.seed, mask_seed=args.mask_seed,
         fixed_train_masks=args.fixed_train_masks or bool(args.text_cache), valid_rates=valid_rates, zscore=not args.no_zscore,
@@ -402,7 +409,11 @@ def build_run_config(args: argparse.Namespace, source, overrides: dict | None = 
         extract=extract_section, lengths=source.lengths.model_dump(), workers=args.workers, bucket=args.bucket,
         shuffle_buffer=args.shuffle_buffer, epoch_steps=args.epoch_steps,
         data_hash=data_fingerprint(args.data), modalities=modalities,
+        complete_share=getattr(args, "complete_share", 0.5),
     )
+    if not 0.0 <= run.complete_share <= 1.0:
+        raise DataError(f"--complete-share {run.complete_share}: a probability in [0, 1]")
+    return protocols.apply_paper(run, DataError) if getattr(args, "paper", False) else run
 
 
 def seed_everything(seed: int) -> None:
@@ -433,12 +444,10 @@ def validation_loss(model, source, normalise: Normaliser, run: RunConfig, batch_
     return {k: all_reduce_sum(sums.get(k, 0.0)) / n for k in sorted(sums)}
 
 
-def train_rate(run: RunConfig, generator: torch.Generator) -> float:
-    if run.protocol == "per-rate":
-        return run.missing_rate
-    if run.text_cache:  # cached states exist for the coarse grid's rates only
-        return COARSE_GRID[int(torch.randint(len(COARSE_GRID), (), generator=generator))]
-    return float(torch.rand((), generator=generator))
+def train_rate(run: RunConfig, generator: torch.Generator):
+    """A float rate for the batch (per-rate, single-model: U[0, the dataset's top rate], the coarse
+    grid with cached text states), or the lnln per-sample draw's spec (pipeline/protocols.py)."""
+    return protocols.train_rate(run, generator, COARSE_GRID)
 
 
 def missing_simulation(model):
@@ -449,7 +458,11 @@ def missing_simulation(model):
 
 def views(batch: dict, rate: float, run: RunConfig, split_name: str, generator: torch.Generator | None = None,
           cache=None, drop=simulate_missing) -> tuple[dict, dict]:
-    """(complete, incomplete) views of a batch. Fixed per-sample masks unless a generator redraws them."""
+    """(complete, incomplete) views of a batch. Fixed per-sample masks unless a generator redraws them.
+    `rate` a protocols.SampleRates (lnln): rates drawn per sample and modality with the generator."""
+    if isinstance(rate, protocols.SampleRates):
+        return protocols.sample_rate_views(batch, rate, run, split_name, generator, cache, drop,
+                                           mask_seed=split_mask_seed(split_name, run.mask_seed))
     unk = run.model_config["unk_id"]
     if generator is not None and not run.fixed_train_masks:
         incomplete = drop(batch, rate, unk_id=unk, generator=generator)
@@ -618,8 +631,8 @@ def train(args: argparse.Namespace, ctx: DistContext, source, asked_run: RunConf
     loss_step = wrap_model(LossStep(model), ctx, find_unused_parameters=True)
 
     unk = run.model_config["unk_id"]
-    test_rates = parse_rates(DEFAULT_GRID) if run.protocol == "single-model" else [run.missing_rate]
-    train_rates = COARSE_GRID if run.protocol == "single-model" else [run.missing_rate]
+    test_rates = protocols.scored_rates(run)  # single-model: the dataset's grid; lnln: 0.0 ... 0.9
+    train_rates = protocols.cached_train_rates(run, COARSE_GRID)
     splits = source.splits if isinstance(source, PickleSource) else None
     cache = run_text_cache(asdict(run), splits, [("train", 0.0), ("valid", 0.0)]  # complete views
                            + [("train", r) for r in train_rates] + [("valid", r) for r in run.valid_rates]

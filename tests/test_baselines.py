@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
 from msaflow.pipeline.mmsa_pickle import load_mmsa_pickle
 
-BASELINES = ("text-only", "late-fusion", "tfn", "lmf", "gated", "dynmm")
+BASELINES = ("text-only", "late-fusion", "tfn-style", "lmf-style", "gated")  # DynMM: below, from trained experts
 N = 16
 
 
@@ -115,47 +117,146 @@ def test_text_only_needs_text_and_models_reject_a_missing_modality(real_batch):
         model(only(real_batch, ("audio",)))
 
 
-def test_dynmm_hard_routing_at_eval(real_batch, text_states):
-    torch.manual_seed(0)
-    model = build_model("dynmm", config())
-    batch = {**only(real_batch, ("text", "audio")), "text": text_states}
-    model.eval()
-    out = model(batch)
-    assert 0.0 <= float(out["expensive_share"]) <= 1.0
-    assert float(out["expensive_share"]) == pytest.approx(out["route"].float().mean().item())
-    gate_bias = model.gate[-1].bias
-    with torch.no_grad():
-        gate_bias.copy_(torch.tensor([1e4, -1e4]))  # everything to the cheap text expert
-        cheap = model(batch)
-        gate_bias.copy_(torch.tensor([-1e4, 1e4]))  # everything to the multimodal expert
-        full = model(batch)
-        vectors = model.utterances(batch)
-    assert float(cheap["expensive_share"]) == 0.0 and float(full["expensive_share"]) == 1.0
-    torch.testing.assert_close(cheap["pred"], model.cheap(vectors["text"]).squeeze(-1))
-    torch.testing.assert_close(full["pred"], model.expensive(vectors))
+def test_tfn_and_lmf_are_named_style_variants():
+    models = available_models()
+    assert {"tfn-style", "lmf-style"} <= set(models) and not {"tfn", "lmf"} & set(models)
 
 
-def dynmm_routing_after_training(lam: float, batch: dict) -> tuple[float, float]:
-    """(hard share routed to the expensive expert, mean gate probability of it) after 15 steps."""
+# ---------------------------------------------------------------- DynMM as released: two stages
+
+
+def save_run(folder, name: str, model) -> str:
+    """A run folder as `msaflow train` leaves it, as far as a DynMM expert needs: config.json + best.pt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model": name, "model_config": model.cfg.to_dict()}))
+    torch.save(model.state_dict(), folder / "best.pt")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """Stage 1: a text-only and a late-fusion run folder (weights from a seeded init)."""
+    root = tmp_path_factory.mktemp("experts")
+    torch.manual_seed(1)
+    cheap = build_model("text-only", config())
+    expensive = build_model("late-fusion", config())
+    return {"cheap": save_run(root / "text-only", "text-only", cheap),
+            "expensive": save_run(root / "late-fusion", "late-fusion", expensive)}
+
+
+@pytest.fixture
+def batch(real_batch, text_states):
+    return {**only(real_batch, ("text", "audio")), "text": text_states}
+
+
+def dynmm(experts, **extra):
     torch.manual_seed(0)
-    model = build_model("dynmm", config(dynmm_lambda=lam))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return build_model("dynmm", config(dynmm_experts=experts, **extra))
+
+
+def test_dynmm_needs_its_experts(tmp_path):
+    with pytest.raises(ValueError, match="needs trained experts"):
+        build_model("dynmm", config())
+    with pytest.raises(FileNotFoundError, match="not a finished training run"):
+        build_model("dynmm", config(dynmm_experts={"cheap": str(tmp_path), "expensive": str(tmp_path)}))
+
+
+def test_dynmm_experts_load_from_run_folders_and_stay_frozen(experts, batch):
+    model = dynmm(experts)
+    saved = torch.load(f"{experts['expensive']}/best.pt", weights_only=True)
+    for k, v in model.expensive.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("gate.")]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(p for g in model.param_groups(for_dataset("mosi")[1]) for p in g["params"])
     model.train()
-    for step in range(15):
-        loss, _ = model.compute_loss(batch, batch)
+    assert not model.cheap.training and not model.expensive.training  # frozen experts: no dropout
+    loss, _ = model.compute_loss(batch, simulate_missing(batch, 0.3, seed=1))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    changed = sorted({k.split(".")[0] for k in after if not torch.equal(after[k], before[k])})
+    assert changed == ["gate"]
+    # fine-tuning the experts too (dynmm_freeze: false): their encoders join the released groups
+    tuned = dynmm(experts, dynmm_freeze=False)
+    groups = {g["name"]: len(g["params"]) for g in tuned.param_groups(for_dataset("mosi")[1])}
+    assert groups.get("audio") and groups.get("other") and tuned.expensive.training is tuned.training
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_dynmm_gate_is_the_same_function_in_training_and_at_test(experts, batch, hard):
+    model = dynmm(experts, dynmm_hard=hard, dynmm_tau=0.5)
+    with torch.no_grad():  # centre the gate: about half of the samples to each expert
+        logits = model.gate(model.gate_inputs(batch))
+        model.gate[-1].weight.mul_(10.0)
+        model.gate[-1].bias.copy_(torch.tensor([0.0, -10.0 * float((logits[:, 1] - logits[:, 0]).median())]))
+    model.train()
+    w_train = model.weights(batch)
+    out_train = model(batch)  # gradients on: the straight-through path, both experts on every sample
+    model.eval()
+    with torch.no_grad():
+        w_test = model.weights(batch)
+        out_test = model(batch)  # hard: the expensive expert only where its weight is 1
+    torch.testing.assert_close(w_train, w_test)
+    torch.testing.assert_close(out_train["pred"], out_test["pred"])
+    expected = (model.gate(model.gate_inputs(batch)) / 0.5).softmax(-1)  # softmax with temperature, no noise
+    if hard:
+        expected = torch.nn.functional.one_hot(expected.argmax(-1), 2).float()
+    torch.testing.assert_close(w_test, expected)
+    share = float(out_test["report"]["expensive_share"])
+    assert share == pytest.approx(float((expected[:, 1] > expected[:, 0]).float().mean()))
+    assert 0.0 < share < 1.0  # both experts in use: the test says something
+
+
+def train_gate(model, batch, steps: int = 25) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for step in range(steps):
+        loss, logs = model.compute_loss(batch, simulate_missing(batch, 0.3, seed=step))
+        assert logs["loss"] == pytest.approx(logs["l1"] + model.lam * logs["expensive_weight"], rel=1e-5)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+
+
+def test_dynmm_large_lambda_never_uses_the_expensive_expert_and_saves_its_flops(experts, batch):
+    from msaflow.model.baselines import baseline_flops
+
+    penalised = dynmm(experts, dynmm_hard=True, dynmm_lambda=100.0)
+    train_gate(penalised, batch)
+    always = dynmm(experts, dynmm_hard=True)
     with torch.no_grad():
-        share = float(model(batch)["expensive_share"])
-        text = model.utterances(batch, ("text",))["text"]
-        prob = model.gate(model.gate_inputs(batch, text)).softmax(-1)[:, 1].mean()
-    return share, float(prob)
+        always.gate[-1].bias.copy_(torch.tensor([-1e4, 1e4]))  # every sample to the multimodal expert
+    penalised.eval(), always.eval()
+    with torch.no_grad():
+        cheap_only, full = penalised(batch)["report"], always(batch)["report"]
+        cheap_pred = penalised.cheap(batch)["pred"]
+        torch.testing.assert_close(penalised(batch)["pred"], cheap_pred)
+    assert float(cheap_only["expensive_share"]) == 0.0 and float(full["expensive_share"]) == 1.0
+    # the executed FLOPs drop by what the expensive expert adds beyond the shared frozen text encoder
+    exclusive = baseline_flops(always.expensive, batch, shared_text=True).mean().item() / 1e6
+    assert penalised.shared_text
+    assert float(full["mflops_per_sample"]) - float(cheap_only["mflops_per_sample"]) == pytest.approx(exclusive)
+    assert float(cheap_only["mflops_saved"]) > float(full["mflops_saved"])
+    # DynMM's own count (mean weight x each expert's FLOPs, encoders counted per expert)
+    cheap_alone = baseline_flops(penalised.cheap, batch).mean().item() / 1e6
+    assert float(cheap_only["mflops_dynmm_count"]) == pytest.approx(cheap_alone)
+    assert float(full["mflops_dynmm_count"]) == pytest.approx(float(full["mflops_expensive_alone"]))
 
 
-def test_dynmm_compute_penalty_lowers_the_expensive_share(real_batch, text_states):
-    batch = {**only(real_batch, ("text", "audio")), "text": text_states}
-    (free_share, free_prob), (pen_share, pen_prob) = (dynmm_routing_after_training(lam, batch) for lam in (0.0, 5.0))
-    assert pen_share == 0.0 and pen_share <= free_share
-    assert pen_prob < free_prob / 10, (pen_prob, free_prob)  # the penalty drives the gate to the cheap expert
+def test_flops_of_the_text_encoder_match_torchs_flop_counter(experts):
+    from msaflow.model.baselines import module_flops, text_encoder_flops
+
+    encoder = build_model("text-only", config()).text_encoder
+    ids = torch.randint(1000, 2000, (1, 24))
+    counted = module_flops(lambda: encoder.model(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    assert float(text_encoder_flops(encoder, torch.tensor([24]))) == pytest.approx(counted, rel=0.02)
+
+
+def test_dynmm_seeds_pool_in_evaluate_despite_their_own_experts(experts):
+    from msaflow.model.baselines import pooling_view
+
+    cfg = config(dynmm_experts=experts).to_dict()
+    other = config(dynmm_experts={"cheap": experts["cheap"], "expensive": experts["expensive"] + "-other-seed"}).to_dict()
+    assert pooling_view(cfg)["extra"]["dynmm_experts"] == {"cheap": "text-only", "expensive": "late-fusion"}
+    assert pooling_view(cfg) != pooling_view(other)  # an unreadable expert folder is compared by its path
