@@ -262,7 +262,15 @@ def local_slurm(tmp_path_factory):
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(host=host, root=root, ctld_port=free_port(), d_port=free_port(),
                                       cpus=os.cpu_count(), mem_mb=mem_mb))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    # The job-step plugin drops every SLURM_* variable, SLURM_CONF included, before the `srun` it runs
+    # inside a job; a cluster keeps its config at the default path, this one lives in the test's folder:
+    # an `srun` first on PATH puts SLURM_CONF back.
+    wrappers = root / "bin"
+    wrappers.mkdir()
+    srun = shutil.which("srun") or "/usr/bin/srun"
+    (wrappers / "srun").write_text(f'#!/bin/sh\nSLURM_CONF="{conf}" exec "{srun}" "$@"\n')
+    (wrappers / "srun").chmod(0o755)
+    env = {**os.environ, "SLURM_CONF": str(conf), "PATH": f"{wrappers}{os.pathsep}{os.environ['PATH']}"}
     daemons = []
     try:
         for daemon in ("slurmctld", "slurmd"):
