@@ -122,14 +122,50 @@ def failures_section(shards: Path) -> Section:
                    + md_table(header, [[r[h] for h in header] for r in rows]))
 
 
+def defined_metrics(metrics: list[tuple[str, dict]]) -> list[str]:
+    """CURVE_METRICS with a value at some rate of some model (an undefined one, e.g. Corr on constant
+    labels, is left out rather than drawn as an empty plot)."""
+    return [k for k in CURVE_METRICS
+            if any(metric_value(m["rates"][r].get(k)) is not None for _, m in metrics for r in m["rates"])]
+
+
+def rate_step_text(metrics: list[tuple[str, dict]]) -> str:
+    """How the AUILC was integrated: the step of the rate grid (or the rates, when uneven)."""
+    grids = {tuple(sorted(float(r) for r in m["rates"])) for _, m in metrics}
+    parts = []
+    for grid in sorted(grids):
+        steps = {round(b - a, 6) for a, b in zip(grid, grid[1:])}
+        parts.append(f"step {steps.pop():g} over {grid[0]:g} to {grid[-1]:g}" if len(steps) == 1
+                     else "over the rates " + ", ".join(f"{r:g}" for r in grid))
+    return "; ".join(parts)
+
+
+def labels_note(metrics: list[tuple[str, dict]]) -> str:
+    """A sentence when the test labels are constant (the metrics that need two classes are undefined)."""
+    for _, m in metrics:
+        labels = m.get("labels") or {}
+        if labels.get("distinct") == 1:
+            return (f"**Every one of the {labels.get('n')} test labels is {labels.get('min'):g}**: the labels are "
+                    f"constant, so correlation and the two-class accuracies and F1 are undefined; only the "
+                    f"metrics defined on these labels are shown. These numbers say the workflow ran, not how good "
+                    f"the model is.\n\n")
+    return ""
+
+
 def robustness_section(metrics: list[tuple[str, dict]], out: Path) -> Section:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, metric in zip(axes.flat, CURVE_METRICS):
+    shown = defined_metrics(metrics) or CURVE_METRICS[:1]
+    undefined = [k for k in CURVE_METRICS if k not in shown]
+    cols = min(3, len(shown))
+    rows_n = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.4 * cols, 3.5 * rows_n), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax, metric in zip(axes.flat, shown):
         for name, m in metrics:
             rates = sorted(m["rates"], key=float)
             ys = [metric_value(m["rates"][r].get(metric)) for r in rates]
@@ -143,9 +179,13 @@ def robustness_section(metrics: list[tuple[str, dict]], out: Path) -> Section:
     fig.savefig(png, dpi=90)
     plt.close(fig)
 
-    keys = CURVE_METRICS
+    keys = shown
     rows = [[name, m.get("n_test")] + [fmt(m.get("AUILC", {}).get(k)) for k in keys] for name, m in metrics]
-    body = "AUILC (area under the metric-vs-missing-rate curve, trapezoid rule, step 0.1):\n\n"
+    body = labels_note(metrics)
+    if undefined:
+        body += f"Left out, undefined on this test split at every rate: {', '.join(undefined)}.\n\n"
+    body += (f"AUILC (area under the metric-vs-missing-rate curve, trapezoid rule, {rate_step_text(metrics)}; "
+             f"not divided by the range):\n\n")
     body += md_table(["model", "n_test"] + keys, rows)
     for name, m in metrics:
         rates = sorted(m["rates"], key=float)
