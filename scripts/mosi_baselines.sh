@@ -1,73 +1,113 @@
 #!/usr/bin/env bash
-# Baselines on real CMU-MOSI (text + utterance-level audio), `single-model` protocol:
-# train each model per seed, score it at missing rates 0.0 ... 1.0, aggregate the seeds;
-# then the same runs under Gaussian noise on the audio, and DynMM without its compute penalty.
+# The baseline tables of RESULTS.md from run folders: every model of MODELS, every seed of SEEDS,
+# under each protocol of PROTOCOLS (single-model: one rate per batch, tested at 0.0 ... 1.0, AUILC;
+# lnln: per-sample, per-modality rates, tested at 0.0 ... 0.9, averaged), on real CMU-MOSI.
 #
-# Frozen text encoder (all-MiniLM-L6-v2, mean pooled) with the pooled-vector memo shared by
-# every run, fixed per-sample train masks (nested across rates, the released code's draw),
-# batch 32 without gradient accumulation (only the fusion layers and heads train).
+# Frozen text encoder (all-MiniLM-L6-v2, mean pooled) with the pooled-vector memo shared by every
+# run, fixed per-sample drop uniforms (--fixed-train-masks; the rates are drawn per batch), batch 32
+# without gradient accumulation (only the fusion layers and heads train), at most EPOCHS epochs,
+# early stop after PATIENCE epochs without improvement of the validation loss.
+# DynMM is trained in two stages, as released: its experts are the text-only and late-fusion runs
+# of the same protocol and seed (frozen), then its gate (`dynmm` rows: lambda 0.01, soft gate;
+# `dynmm-hard`: the straight-through hard gate).
 # Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint.
+# At the end: `msaflow evaluate` per (protocol, model) and `scripts/baselines_table.py`, which
+# rewrites the generated block of RESULTS.md (WRITE=RESULTS.md) or prints the tables.
 #
 # Usage: scripts/mosi_baselines.sh [DATA.pkl]
-#   env: OUT (default /tmp/msaflow-baselines), SEEDS ("0 1 2"), MODELS, THREADS (1), EVAL_ONLY=1
+#   env: OUT (/tmp/msaflow-baselines), SEEDS ("0 1 2"), PROTOCOLS ("single-model lnln"),
+#        MODELS ("text-only late-fusion dynmm dynmm-hard tfn-style lmf-style gated"), JOBS (2),
+#        THREADS (1), EPOCHS (30), PATIENCE (8), NICE (15), EVAL_ONLY=1, WRITE (a RESULTS.md to update)
 set -euo pipefail
 
 DATA=${1:-../shared/data/mosi_utt/mosi_utt_ta.pkl}
 OUT=${OUT:-/tmp/msaflow-baselines}
 SEEDS=${SEEDS:-"0 1 2"}
-MODELS=${MODELS:-"text-only late-fusion tfn lmf gated dynmm dynmm-lambda0"}
+PROTOCOLS=${PROTOCOLS:-"single-model lnln"}
+MODELS=${MODELS:-"text-only late-fusion dynmm dynmm-hard tfn-style lmf-style gated"}
+JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
+EPOCHS=${EPOCHS:-30}
+PATIENCE=${PATIENCE:-8}
+NICE=${NICE:-15}
 MSAFLOW=${MSAFLOW:-msaflow}
 PYTHON=${PYTHON:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
-
-mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/results"
-cat > "$OUT/frozen.yaml" <<EOF
+mkdir -p "$OUT/runs" "$OUT/logs" "$OUT/results" "$OUT/configs"
+cat > "$OUT/configs/frozen.yaml" <<EOF
 model:
   extra:
     text_memo: $OUT/memo
 EOF
-cat > "$OUT/dynmm-lambda0.yaml" <<EOF
+
+is_dynmm() { [[ "$1" == dynmm* ]]; }
+# the --config of a row: DynMM rows name their experts (same protocol and seed)
+config_of() {
+  local protocol=$1 name=$2 seed=$3
+  if ! is_dynmm "$name"; then echo "$OUT/configs/frozen.yaml"; return; fi
+  local file="$OUT/configs/$protocol-$name-seed$seed.yaml"
+  cat > "$file" <<EOF
 model:
   extra:
     text_memo: $OUT/memo
-    dynmm_lambda: 0.0
+    dynmm_experts:
+      cheap: $OUT/runs/$protocol/text-only/seed$seed
+      expensive: $OUT/runs/$protocol/late-fusion/seed$seed
+    dynmm_lambda: 0.01
+    dynmm_hard: $([[ "$name" == dynmm-hard ]] && echo true || echo false)
 EOF
+  echo "$file"
+}
 
-# row name -> registered model and config file
-model_of() { case "$1" in dynmm-lambda0) echo dynmm ;; *) echo "$1" ;; esac; }
-config_of() { case "$1" in dynmm-lambda0) echo "$OUT/dynmm-lambda0.yaml" ;; *) echo "$OUT/frozen.yaml" ;; esac; }
+run_one() {
+  local protocol=$1 name=$2 seed=$3
+  local run="$OUT/runs/$protocol/$name/seed$seed"
+  [[ -f "$run/metrics.json" ]] && return 0
+  local model=$name; is_dynmm "$name" && model=dynmm
+  local cmd=(nice -n "$NICE" "$MSAFLOW" train --data "$DATA" --model "$model" --protocol "$protocol"
+             --fixed-train-masks --freeze-text --config "$(config_of "$protocol" "$name" "$seed")" --grad-accum 1
+             --epochs "$EPOCHS" --patience "$PATIENCE" --seed "$seed" --threads "$THREADS" -o "$run")
+  echo "$(date -u +%FT%TZ) start ${cmd[*]}" >> "$OUT/commands.log"
+  local start; start=$(date +%s)
+  "${cmd[@]}" > "$OUT/logs/$protocol-$name-seed$seed.log" 2>&1
+  printf '%s\t%s\t%s\t%s\n' "$protocol" "$name" "$seed" "$(( $(date +%s) - start ))" >> "$OUT/wall_seconds.tsv"
+}
+export -f run_one config_of is_dynmm
+export OUT DATA MSAFLOW THREADS EPOCHS PATIENCE NICE
 
 if [[ -z "${EVAL_ONLY:-}" ]]; then
   # every corrupted train sequence a fixed-mask run can draw, encoded once in large batches
-  "$PYTHON" "$HERE/warm_text_memo.py" --data "$DATA" --memo "$OUT/memo" --threads "$THREADS" > "$OUT/logs/warm-memo.log" 2>&1
-  for seed in $SEEDS; do          # seed-major: every model gets seed 0 before any gets seed 1
-    for name in $MODELS; do
-      run="$OUT/runs/$name/seed$seed"
-      [[ -f "$run/metrics.json" ]] && continue
-      cmd=("$MSAFLOW" train --data "$DATA" --model "$(model_of "$name")" --protocol single-model --fixed-train-masks
-           --freeze-text --config "$(config_of "$name")" --grad-accum 1 --seed "$seed" --threads "$THREADS" -o "$run")
-      echo "$(date -u +%FT%TZ) start ${cmd[*]}" | tee -a "$OUT/commands.log"
-      start=$(date +%s)
-      "${cmd[@]}" > "$OUT/logs/$name-seed$seed.log" 2>&1
-      printf '%s\t%s\t%s\n' "$name" "$seed" "$(( $(date +%s) - start ))" >> "$OUT/wall_seconds.tsv"
-    done
+  [[ -d "$OUT/memo" ]] || nice -n "$NICE" "$PYTHON" "$HERE/warm_text_memo.py" --data "$DATA" --memo "$OUT/memo" \
+    --threads "$THREADS" > "$OUT/logs/warm-memo.log" 2>&1
+  # stage 1 (experts and the other baselines), then stage 2 (DynMM's gates), seed-major
+  for stage in 1 2; do
+    for seed in $SEEDS; do
+      for protocol in $PROTOCOLS; do
+        for name in $MODELS; do
+          if { [[ $stage == 1 ]] && ! is_dynmm "$name"; } || { [[ $stage == 2 ]] && is_dynmm "$name"; }; then
+            echo "$protocol $name $seed"
+          fi
+        done
+      done
+    done | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
   done
 fi
 
-for name in $MODELS; do
-  runs=()
-  for seed in $SEEDS; do
-    [[ -f "$OUT/runs/$name/seed$seed/metrics.json" ]] && runs+=("$OUT/runs/$name/seed$seed")
+for protocol in $PROTOCOLS; do
+  for name in $MODELS; do
+    runs=()
+    for seed in $SEEDS; do
+      [[ -f "$OUT/runs/$protocol/$name/seed$seed/metrics.json" ]] && runs+=("$OUT/runs/$protocol/$name/seed$seed")
+    done
+    (( ${#runs[@]} )) || continue
+    nice -n "$NICE" "$MSAFLOW" evaluate "${runs[@]}" --data "$DATA" --threads "$THREADS" \
+      -o "$OUT/results/$protocol/$name.json" > "$OUT/logs/$protocol-$name-evaluate.log" 2>&1
+    if [[ "$protocol" == single-model && "$name" != text-only ]]; then  # does the model use the audio at all?
+      nice -n "$NICE" "$MSAFLOW" evaluate "${runs[@]}" --data "$DATA" --corruption noise --threads "$THREADS" \
+        -o "$OUT/results/$protocol/$name-noise.json" > "$OUT/logs/$protocol-$name-noise.log" 2>&1
+    fi
   done
-  (( ${#runs[@]} )) || continue
-  "$MSAFLOW" evaluate "${runs[@]}" --data "$DATA" --threads "$THREADS" -o "$OUT/results/$name.json" \
-    > "$OUT/logs/$name-evaluate.log" 2>&1
-  if [[ "$name" != text-only ]]; then  # does the model use the audio at all?
-    "$MSAFLOW" evaluate "${runs[@]}" --data "$DATA" --corruption noise --threads "$THREADS" \
-      -o "$OUT/results/$name-noise.json" > "$OUT/logs/$name-noise.log" 2>&1
-  fi
 done
 "$PYTHON" "$HERE/baselines_table.py" "$OUT/results" --wall "$OUT/wall_seconds.tsv" \
-  --models "$(echo $MODELS | tr ' ' ',')" > "$OUT/tables.md"
-echo "tables in $OUT/tables.md"
+  --models "$(echo $MODELS | tr ' ' ',')" ${WRITE:+--write "$WRITE"} > "$OUT/tables.md"
+echo "tables in $OUT/tables.md${WRITE:+ and $WRITE}"
