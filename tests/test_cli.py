@@ -140,7 +140,7 @@ def test_a_model_leaving_modalities_unused_says_so(shards, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["modalities"]["unused"] == ["audio", "vision"]
 
 
-@pytest.mark.parametrize("model", ["tfn", "emt-dlfr"])
+@pytest.mark.parametrize("model", ["tfn-style", "emt-dlfr"])
 def test_raw_shards_need_end_to_end(model, tmp_path, capsys):
     """Raw shards hold face crops and audio only end-to-end front-ends read: another model would
     train on the text alone, so the run is refused before its folder exists."""
