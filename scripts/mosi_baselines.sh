@@ -8,7 +8,7 @@
 # without gradient accumulation (only the fusion layers and heads train), at most EPOCHS epochs,
 # early stop after PATIENCE epochs without improvement of the validation loss.
 # DynMM is trained in two stages, as released: its experts are the text-only and late-fusion runs
-# of the same protocol and seed (frozen), then its gate (`dynmm` rows: lambda 0.01, soft gate;
+# of the same protocol and seed (frozen, trained first), then its gate (`dynmm` rows: lambda 0.01, soft gate;
 # `dynmm-hard`: the straight-through hard gate).
 # Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint.
 # At the end: `msaflow evaluate` per (protocol, model) and `scripts/baselines_table.py`, which
@@ -79,17 +79,17 @@ if [[ -z "${EVAL_ONLY:-}" ]]; then
   # every corrupted train sequence a fixed-mask run can draw, encoded once in large batches
   [[ -d "$OUT/memo" ]] || nice -n "$NICE" "$PYTHON" "$HERE/warm_text_memo.py" --data "$DATA" --memo "$OUT/memo" \
     --threads "$THREADS" > "$OUT/logs/warm-memo.log" 2>&1
-  # stage 1 (experts and the other baselines), then stage 2 (DynMM's gates), seed-major
-  for stage in 1 2; do
+  # stage 1: DynMM's experts (text-only, late-fusion); stage 2: DynMM's gates; stage 3: the other
+  # baselines; seed-major within a stage
+  stage_of() { if [[ "$1" == text-only || "$1" == late-fusion ]]; then echo 1; elif is_dynmm "$1"; then echo 2; else echo 3; fi; }
+  for stage in 1 2 3; do
     for seed in $SEEDS; do
       for protocol in $PROTOCOLS; do
         for name in $MODELS; do
-          if { [[ $stage == 1 ]] && ! is_dynmm "$name"; } || { [[ $stage == 2 ]] && is_dynmm "$name"; }; then
-            echo "$protocol $name $seed"
-          fi
+          [[ $(stage_of "$name") == "$stage" ]] && echo "$protocol $name $seed"
         done
       done
-    done | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
+    done | xargs -r -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
   done
 fi
 
