@@ -55,6 +55,12 @@ def test_lnln_training_rates_are_per_sample_and_per_modality():
         assert torch.corrcoef(torch.stack([dropped[m], rates[m]]))[0, 1] > 0.95
     assert torch.equal(view["text_ids"][view["text_missing"]], torch.full((int(view["text_missing"].sum()),), 100))
     assert float(view["audio"][view["audio_missing"]].abs().sum()) == 0.0
+    # the training loop's own path (`views` in msaflow train) draws the same way
+    from msaflow.pipeline.train import views
+
+    _, looped = views(batch, spec, run, "train", generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(looped[f"{m}_missing_rate"], rates[m]) for m in rates)
+    assert torch.equal(looped["text_missing"], view["text_missing"])
 
 
 def test_lnln_complete_share_is_configurable_and_rates_redraw_every_batch():
