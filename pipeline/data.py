@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from msaflow.pipeline.lengths import LengthConfig, control_padded, control_sample
-from msaflow.pipeline.loader import SplitIndex, make_loader
+from msaflow.pipeline.loader import ShardError, ShardLocation, SplitIndex, make_loader, shard_location
 from msaflow.pipeline.mmsa_pickle import SPLITS, Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
 
 NORMALISED = ("audio", "vision")
@@ -123,12 +123,14 @@ class ShardSource:
 
     def __init__(self, shard_dir: str | Path, lengths: LengthConfig, *, limit: int = 0, workers: int = 0,
                  bucket: int = 8, shuffle_buffer: int | None = None):
-        self.path, self.lengths, self.limit, self.workers = Path(shard_dir), lengths, limit, workers
+        self.path, self.lengths, self.limit, self.workers = shard_location(shard_dir), lengths, limit, workers
         self.bucket, self.shuffle_buffer = bucket, shuffle_buffer
-        missing = [s for s in SPLITS if not (self.path / s / "index.json").is_file()]
-        if missing:
-            raise DataError(f"{self.path}: no shards for split(s) {missing}")
-        self.index = {s: SplitIndex.load(self.path / s).limited(limit) for s in SPLITS}
+        self.index = {}
+        for s in SPLITS:  # a local folder or a URL (s3://, http(s)://, pipe:)
+            try:
+                self.index[s] = SplitIndex.load(self.path / s).limited(limit)
+            except ShardError as exc:
+                raise DataError(f"{self.path}: no readable shards for split {s!r} ({exc})") from exc
         self.mode = self.index["train"].mode
         self.eval_batch_size = EVAL_BATCH if self.mode == "features" else 16  # raw samples weigh megabytes
         self._transform = partial(_control, mode=self.mode, cfg=lengths, rates=self.index["train"].rates)
@@ -222,6 +224,9 @@ class PickleSource:
 
 
 def is_shard_dir(path: str | Path) -> bool:
+    """A local shard folder (a URL is taken to be one: reading its index says whether it is)."""
+    if isinstance(shard_location(path), ShardLocation):
+        return True
     path = Path(path)
     return path.is_dir() and any((path / s / "index.json").is_file() for s in SPLITS)
 
@@ -229,9 +234,10 @@ def is_shard_dir(path: str | Path) -> bool:
 def open_source(path: str | Path, lengths: LengthConfig | None = None, *, limit: int = 0, workers: int = 0,
                 bucket: int = 8, shuffle_buffer: int | None = None):
     """The shard folder or MMSA pickle at `path` as a data source (see the module docstring)."""
-    path, lengths = Path(path), lengths or LengthConfig()
+    lengths = lengths or LengthConfig()
     if is_shard_dir(path):
         return ShardSource(path, lengths, limit=limit, workers=workers, bucket=bucket, shuffle_buffer=shuffle_buffer)
+    path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: a folder without <split>/index.json: not a shard folder written by `msaflow shards`")
     if path.suffix.lower() not in PICKLE_SUFFIXES:

@@ -146,7 +146,7 @@ def training_shards(run: dict) -> Path | None:
     from msaflow.pipeline.data import is_shard_dir
 
     data = run.get("data")
-    return Path(data) if data and is_shard_dir(data) else None
+    return Path(data) if data and Path(data).is_dir() and is_shard_dir(data) else None
 
 
 def shards_extract_settings(run: dict) -> dict | None:
