@@ -86,7 +86,7 @@ if [[ -z "${EVAL_ONLY:-}" ]]; then
     for seed in $SEEDS; do
       for protocol in $PROTOCOLS; do
         for name in $MODELS; do
-          [[ $(stage_of "$name") == "$stage" ]] && echo "$protocol $name $seed"
+          if [[ $(stage_of "$name") == "$stage" ]]; then echo "$protocol $name $seed"; fi
         done
       done
     done | xargs -r -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
