@@ -223,6 +223,30 @@ class PickleSource:
         return self._normaliser
 
 
+def is_url(path: str | Path) -> bool:
+    """A shard folder named by URL (s3://, http(s)://, pipe:...), read through the loader."""
+    return isinstance(shard_location(path), ShardLocation)
+
+
+def data_exists(path: str | Path) -> bool:
+    """Whether --data names something: a local file or folder, or any URL (read to find out)."""
+    return is_url(path) or Path(path).exists()
+
+
+def read_index(path: str | Path, split: str) -> dict:
+    """The raw `index.json` of one split of a local or remote shard folder (ShardError if unreadable)."""
+    from msaflow.pipeline.loader import open_shard_file
+
+    location = shard_location(path) / split / "index.json"
+    try:
+        with open_shard_file(location) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except ShardError:
+        raise
+    except Exception as exc:  # missing, unreadable, bad JSON, a remote back-end's own error
+        raise ShardError(f"{location}: unreadable index.json ({exc})") from exc
+
+
 def is_shard_dir(path: str | Path) -> bool:
     """A local shard folder (a URL is taken to be one: reading its index says whether it is)."""
     if isinstance(shard_location(path), ShardLocation):

@@ -38,7 +38,10 @@ from msaflow.model.config import ModelConfig
 from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
-from msaflow.pipeline.data import DataError, Normaliser, PickleSource, keep_real, open_source
+from msaflow.pipeline.data import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
+                                   read_index)
+from msaflow.pipeline.loader import ShardError
+from msaflow.pipeline.mmsa_pickle import SPLITS
 from msaflow.pipeline import protocols
 from msaflow.pipeline.distributed import to_device
 from msaflow.pipeline.tario import atomic_path, write_json_atomic
@@ -54,8 +57,15 @@ POOLED_KEYS = ("seed", "missing_rate", "data", "data_hash", "threads", "workers"
 def data_fingerprint(path: str | Path) -> str:
     """sha256 of a shard folder's split index files (they hold every shard's sha256) or of a pickle's
     bytes: the identity of the data a run trained or was scored on."""
-    path = Path(path)
     digest = hashlib.sha256()
+    if is_url(path):  # a remote shard folder: its split index files, read through the loader
+        for split in SPLITS:
+            try:
+                digest.update(split.encode() + b"\0" + json.dumps(read_index(path, split), sort_keys=True).encode() + b"\0")
+            except ShardError:
+                continue
+        return digest.hexdigest()
+    path = Path(path)
     if path.is_dir():
         for index in sorted(path.glob("*/index.json")):
             digest.update(index.parent.name.encode() + b"\0" + index.read_bytes() + b"\0")
@@ -163,6 +173,8 @@ def load_run(run_dir: str | Path) -> tuple[dict, "torch.nn.Module"]:
 
 
 def same_data(a: str | Path, b: str | Path) -> bool:
+    if is_url(a) or is_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
     return Path(a).resolve() == Path(b).resolve()
 
 
@@ -274,7 +286,7 @@ def _fmt(v) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="training run directories (seeds / per-rate runs are aggregated)")
-    p.add_argument("--data", required=True, type=Path,
+    p.add_argument("--data", required=True,
                    help="shard folder or MMSA feature pickle (trusted file; it is unpickled): the runs' data")
     p.add_argument("--rates", default=None, help=f"grid 'start:stop:step' or 'a,b,c' (default {DEFAULT_GRID} for "
                    "single-model runs, the training rate for per-rate runs)")
@@ -330,7 +342,7 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
     if not_runs:
         raise DataError(f"not training run folders (no config.json): {', '.join(not_runs)}; give the -o folders "
                         f"of `msaflow train`")
-    if not Path(args.data).exists():
+    if not data_exists(args.data):
         raise DataError(f"{args.data}: no such file or folder (--data: the shard folder or pickle to score on)")
     try:
         explicit = parse_rates(args.rates) if args.rates else None

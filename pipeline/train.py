@@ -52,7 +52,9 @@ from tqdm import tqdm
 from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
-from msaflow.pipeline.data import DataError, Normaliser, PickleSource, keep_real, open_source
+from msaflow.pipeline.data import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
+                                   read_index)
+from msaflow.pipeline.loader import ShardError
 from msaflow.pipeline.distributed import (DistContext, all_reduce_sum, barrier, cleanup, gather_objects,
                                           init_distributed, to_device, wrap_model)
 from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
@@ -102,7 +104,7 @@ ADDED_FIELDS = ("data_hash", "modalities", "extract")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path,
+    p.add_argument("--data",
                    help="shard folder (<split>/index.json, features or raw mode) or MMSA feature pickle "
                         "(trusted file; it is unpickled)")
     p.add_argument("--model", default="emt-dlfr", help="registered model name (see --list-models)")
@@ -239,9 +241,8 @@ def check_arguments(args: argparse.Namespace) -> dict:
                         f"`msaflow train --list-models` lists them ({', '.join(models)})")
     if args.out.exists() and not args.out.is_dir():
         raise DataError(f"{args.out}: exists and is not a folder: give -o a run folder")
-    data = Path(args.data)
-    if not data.exists():
-        raise DataError(f"{data}: no such file or folder (--data: a shard folder or an MMSA feature pickle)")
+    if not data_exists(args.data):
+        raise DataError(f"{args.data}: no such file or folder (--data: a shard folder or an MMSA feature pickle)")
     overrides = read_overrides(args.config)
     read_lengths(args, overrides)
     return overrides
@@ -300,7 +301,7 @@ def _raw_names(modalities: set[str]) -> list[str]:
     return [{"vision": "face crops", "audio": "audio"}[m] for m in ("vision", "audio") if m in modalities]
 
 
-def shards_extract_settings(shard_dir: Path, given: dict | None) -> dict:
+def shards_extract_settings(shard_dir: str | Path, given: dict | None) -> dict:
     """The extraction settings the shards were made with: the --config `extract:` section when it
     hashes to the shards' `config_hash`, else the shards' index (`extract`), else a chunk summary
     of an extraction folder beside the shards (the workflow's `extract-<hash>/chunks/`); {} when
@@ -309,8 +310,8 @@ def shards_extract_settings(shard_dir: Path, given: dict | None) -> dict:
     from msaflow.pipeline.extract import ExtractConfig
 
     try:
-        index = json.loads((shard_dir / "train" / "index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        index = read_index(shard_dir, "train")
+    except ShardError:
         return {}
     recorded = index.get("config_hash")
 
@@ -325,7 +326,8 @@ def shards_extract_settings(shard_dir: Path, given: dict | None) -> dict:
         candidates.append(("--config", valid(given)))
     if index.get("extract"):
         candidates.append(("index.json", valid(index["extract"])))
-    for summary in sorted(shard_dir.resolve().parent.glob("extract-*/chunks/*.json")):
+    beside = [] if is_url(shard_dir) else sorted(Path(shard_dir).resolve().parent.glob("extract-*/chunks/*.json"))
+    for summary in beside:
         try:
             candidates.append((str(summary), valid(json.loads(summary.read_text(encoding="utf-8")).get("config"))))
         except (OSError, ValueError):
@@ -399,7 +401,7 @@ def build_run_config(args: argparse.Namespace, source, overrides: dict | None = 
     if isinstance(source, PickleSource):
         extract_section = {}
     else:
-        extract_section = shards_extract_settings(Path(args.data), overrides["extract"])
+        extract_section = shards_extract_settings(args.data, overrides["extract"])
     run = RunConfig(
         data=str(args.data), model=args.model, dataset=args.dataset, protocol=args.protocol,
         missing_rate=args.missing_rate, seed=args.seed, mask_seed=args.mask_seed,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -428,3 +429,20 @@ def test_remote_shard_damage_is_named_by_its_url(s3_server, shard_folder, tmp_pa
         _epoch("s3://msaflow-damaged/shards")
     with pytest.raises(ShardError, match=r"s3://msaflow-damaged/nothing/train/index\.json: no index\.json"):
         _epoch("s3://msaflow-damaged/nothing")
+
+
+def test_msaflow_train_streams_its_shards_from_s3(s3_server, tmp_path):
+    """`msaflow train --data s3://...`: the same run as from the local folder."""
+    from msaflow.pipeline.cli import main as cli
+
+    local = tmp_path / "local"
+    write_split(local, "train", "features", [4, 4], seed=1)
+    write_split(local, "valid", "features", [3], seed=2, first_number=100)
+    write_split(local, "test", "features", [3], seed=3, first_number=200)
+    _upload(local, "msaflow-train", "corpus/shards")
+    args = ["--model", "emt", "--freeze-text", "--epochs", "1", "--batch-size", "4", "--threads", "1"]
+    assert cli(["train", "--data", str(local), *args, "-o", str(tmp_path / "from-local")]) == 0
+    assert cli(["train", "--data", "s3://msaflow-train/corpus/shards", *args, "-o", str(tmp_path / "from-s3")]) == 0
+    a = json.loads((tmp_path / "from-local" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "from-s3" / "metrics.json").read_text())
+    assert a["rates"] == b["rates"] and a["n_test"] == b["n_test"] == 3
