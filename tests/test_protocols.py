@@ -152,3 +152,21 @@ def test_paper_switch_refuses_other_protocols(shared_data, tmp_path):
     assert cli(["train", "--data", str(mosi_path(shared_data)), "--model", "text-only", "--protocol", "single-model",
                 "--paper", "--freeze-text", "--limit", "20", "-o", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_paper_run_records_its_settings_in_metrics_json(shared_data, tmp_path):
+    data = str(mosi_path(shared_data))
+    run = tmp_path / "paper"
+    assert cli(["train", "--data", data, "--model", "late-fusion", "--protocol", "per-rate", "--missing-rate", "0.3",
+                "--paper", "--freeze-text", "--limit", "40", "--epochs", "1", "--batch-size", "8", "--grad-accum", "1",
+                "--threads", "1", "-o", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["paper"] and config["fixed_train_masks"] and not config["zscore"]
+    assert config["optim_config"]["select_on"] == "loss" and config["valid_rates"] == [0.3]
+    assert not (run / "normaliser.json").exists()  # MOSI as released: raw features, a dropped step is a raw zero
+    out = tmp_path / "paper.json"
+    assert cli(["evaluate", str(run), "--data", data, "--threads", "1", "-o", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["paper"] is True and list(metrics["rates"]) == ["0.3"]
+    assert metrics["settings"]["paper"] and not metrics["settings"]["zscore"]
+    assert "gradient accumulation 1 (released: 4)" in metrics["settings"]["deviations_from_paper"]
