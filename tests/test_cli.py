@@ -55,7 +55,7 @@ def test_version_and_list_models_alone(capsys):
     assert capsys.readouterr().out.strip() == f"msaflow {__version__}"
     assert cli(["train", "--list-models"]) == 0
     models = capsys.readouterr().out.split()
-    assert {"emt-dlfr", "end-to-end", "tfn", "text-only"} <= set(models)
+    assert {"emt-dlfr", "end-to-end", "tfn-style", "text-only"} <= set(models)
 
 
 @pytest.mark.parametrize("case", ["unknown model", "missing pickle", "optim typo", "model typo", "bad yaml",

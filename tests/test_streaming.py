@@ -172,7 +172,10 @@ def test_data_must_be_shards_or_a_named_pickle(tmp_path, capsys):
     assert "*.pkl" in capsys.readouterr().err
 
 
-def test_pickle_source_warns_once_and_splits_rows_over_ranks(shared_data, capsys):
+def test_pickle_source_warns_once_and_splits_rows_over_ranks(shared_data, capsys, monkeypatch):
+    from msaflow.pipeline import data
+
+    monkeypatch.setattr(data, "_WARNED", set())  # a fresh process: earlier tests opened the pickle too
     pkl = shared_data / "mosi_utt" / "mosi_utt_ta.pkl"
     source = open_source(pkl, limit=40)
     open_source(pkl, limit=40)
