@@ -192,7 +192,8 @@ def run_source(run: dict, data: Path, run_dir: Path):
 
 
 def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str, rescore: bool = False,
-                data_hash: str | None = None, info: dict | None = None) -> tuple[dict, int]:
+                data_hash: str | None = None, info: dict | None = None, batch_size: int | None = None
+                ) -> tuple[dict, int]:
     """({rate: metrics}, n_test) of one run scored on `data`. The run's own test metrics are reused
     when `data` has the hash recorded for the run (the test set stays touched once); `info` (a dict)
     gets "reused" (bool) and "labels" (the test labels' summary, when known)."""
@@ -211,7 +212,8 @@ def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str, 
     splits = source.splits if isinstance(source, PickleSource) else None
     cache = run_text_cache(run, splits, [("test", r) for r in rates] if corruption == "missing" else [("test", 0.0)])
     labels: dict = {}
-    per_rate = score(model, lambda: (normalise(b) for b in source.batches("test", source.eval_batch_size)), rates,
+    batch_size = batch_size or source.eval_batch_size
+    per_rate = score(model, lambda: (normalise(b) for b in source.batches("test", batch_size)), rates,
                      corruption=corruption, mask_seed=run["mask_seed"], dataset=run["dataset"],
                      unk_id=run["model_config"]["unk_id"], text_cache=cache, label_summary=labels,
                      phase=f"{run_dir} on test ({source.size('test')} samples)")
@@ -294,6 +296,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="missing: drop features at rate r; noise: add level*N(0,1) to audio/vision")
     p.add_argument("-o", "--out", type=Path, required=True, help="metrics.json to write (CSV beside it)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, help="samples per scoring batch (default 64 in features mode, "
+                   "16 in raw mode); metrics do not depend on it")
     p.add_argument("--rescore", action="store_true",
                    help="score the test split again even where the run's own metrics.json has the rates")
 
@@ -372,7 +376,7 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
                  f"({'the data it trained on' if same else 'other data than it trained on: scored afresh'})")
         info: dict = {}
         per_rate, n = run_metrics(Path(run_dir), args.data, rates, args.corruption, args.rescore,
-                                  data_hash=data_hash, info=info)
+                                  data_hash=data_hash, info=info, batch_size=args.batch_size)
         if info.get("reused"):
             reused.append(str(run_dir))
         labels = labels or info.get("labels") or {}
