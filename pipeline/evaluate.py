@@ -168,7 +168,14 @@ def load_run(run_dir: str | Path) -> tuple[dict, "torch.nn.Module"]:
         raise FileNotFoundError(f"{run_dir}: not a finished training run (needs config.json and best.pt)")
     run = json.loads(config_path.read_text())
     model = build_model(run["model"], ModelConfig.from_dict(run["model_config"]))
-    model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    import pickle
+
+    try:
+        state = torch.load(best_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{best_path}: holds pickled Python objects, not a state dict of weights; msaflow loads "
+                        f"weights only (a pickle runs code when loaded)") from exc
+    model.load_state_dict(state)
     return run, model
 
 

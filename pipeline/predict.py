@@ -130,8 +130,15 @@ def load_model(config_path: Path, weights_path: Path, device: str):
     if name == "end-to-end":
         import msaflow.model.end_to_end  # noqa: F401  (registers "end-to-end")
     model = build_model(name, model_cfg)
+    import pickle
+
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a pickled object (e.g. a whole model), not a state dict
+        raise UnusableInput(f"{weights_path}: holds pickled Python objects, not a state dict of weights; msaflow "
+                            f"loads weights only (a pickle runs code when loaded). Use the best.pt that "
+                            f"`msaflow train` wrote, or save model.state_dict()") from exc
+    try:
         if isinstance(state, dict) and "model" in state and "optimizer" in state:  # last.pt: a full checkpoint
             state = state["model"]
         model.load_state_dict(state)

@@ -160,6 +160,19 @@ def test_predict_never_opens_the_train_shards(run_dir, shared_data, capsys):
             tar.with_suffix(".away").rename(tar)
 
 
+def test_a_pickled_checkpoint_is_refused_in_one_line(run_dir, shared_data, tmp_path, capsys):
+    """A whole pickled model instead of a state dict: exit 2, nothing unpickled, no advice to unpickle."""
+    run = tmp_path / "pickled"
+    run.mkdir()
+    for name in ("config.json", "normaliser.json"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    torch.save(torch.nn.Linear(2, 2), run / "best.pt")
+    video = shared_data / "raw" / "grid" / "sbia1a.mpg"
+    assert cli(["predict", str(video), "--checkpoint", str(run), "--no-asr"]) == 2
+    err = capsys.readouterr().err
+    assert "not a state dict" in err and "weights_only=False" not in err and "Traceback" not in err
+
+
 def test_predict_video_without_audio(run_dir, shared_data, tmp_path, capsys):
     video = media.make_video_without_audio(shared_data / "raw" / "grid" / "sbia1a.mpg", tmp_path / "silent.mpg")
     assert cli(["predict", str(video), "--checkpoint", str(run_dir), "--json", "--text", "set blue"]) == 0
