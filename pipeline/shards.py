@@ -34,7 +34,7 @@ from msaflow.extractors.audio import STEPS_PER_SECOND
 from msaflow.extractors.asr import text_source
 from msaflow.pipeline.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
 from msaflow.pipeline.lock import output_lock
-from msaflow.pipeline.tario import TarWriter, atomic_path, check_tar, remove_stale_temp, write_json_atomic
+from msaflow.pipeline.tario import TarWriter, atomic_path, check_tar, npy_data_size, remove_stale_temp, write_json_atomic
 
 FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
 FBANK_RATE = float(STEPS_PER_SECOND)  # the 10 ms audio grid of fbank.npy / audio.npy / audio_mask.npy
@@ -119,17 +119,12 @@ def sha256_file(path: Path) -> str:
 
 def _npy_info(fileobj, name: str) -> MemberInfo:
     try:
-        version = np.lib.format.read_magic(fileobj)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"unsupported .npy format version {version}")
-        shape, _, dtype = read_header(fileobj)
+        shape, dtype, _ = npy_data_size(fileobj)
     except ValueError as exc:
         raise ClipError(f"{name}: not a NumPy .npy array ({exc})") from exc
     if dtype.hasobject:
         raise ClipError(f"{name}: object dtype (would need pickle)")
-    return MemberInfo(tuple(int(n) for n in shape), np.dtype(dtype).name)
+    return MemberInfo(shape, np.dtype(dtype).name)
 
 
 def read_clip(path: Path, key: str, clip_id: str) -> Clip:
