@@ -43,7 +43,7 @@ from torch import nn
 
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.model.encoders import TextEncoder, build_sequence_encoders, padding_mask
-from msaflow.model.registry import SEQ_PREFIX, TEXT_PREFIX, MSAModel, register
+from msaflow.model.registry import MSAModel, register, released_param_groups
 
 BASELINE_DEFAULTS = {
     "text_pool": "mean",  # "mean" | "cls"
@@ -530,24 +530,9 @@ class DynMM(MSAModel):
     def param_groups(self, opt: OptimConfig) -> list[dict]:
         """The released groups for fine-tuned experts' encoders (by their names inside the expert),
         the gate in "other"; frozen experts have no trainable parameters."""
-        groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("text", "text_nodecay", "audio", "vision", "other")}
-        seen: set[int] = set()
-        for name, p in self.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            inner = name.split(".", 1)[1] if name.split(".", 1)[0] in ("cheap", "expensive") else name
-            if inner.startswith(TEXT_PREFIX):
-                no_decay = inner.endswith("bias") or "LayerNorm" in inner or "layer_norm" in inner
-                groups["text_nodecay" if no_decay else "text"].append(p)
-            elif inner.startswith(SEQ_PREFIX + "audio."):
-                groups["audio"].append(p)
-            elif inner.startswith(SEQ_PREFIX + "vision."):
-                groups["vision"].append(p)
-            else:
-                groups["other"].append(p)
-        settings = {"text": (opt.lr_text, opt.wd_text), "text_nodecay": (opt.lr_text, 0.0),
-                    "audio": (opt.lr_audio, opt.wd_audio), "vision": (opt.lr_vision, opt.wd_vision),
-                    "other": (opt.lr_other, opt.wd_other)}
-        return [{"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": k}
-                for k, ps in groups.items() if ps]
+        def inner(name: str) -> str:  # an expert's parameter by its name inside the expert
+            head, _, rest = name.partition(".")
+            return rest if head in ("cheap", "expensive") else name
+
+        # named_parameters() lists a parameter shared by both experts (their text encoder) once
+        return released_param_groups(((inner(n), p) for n, p in self.named_parameters()), opt)

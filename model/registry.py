@@ -15,7 +15,7 @@ encoders under `seq_encoders[<modality>]`, everything else in "other".
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -80,28 +80,30 @@ class MSAModel(nn.Module):
 
     def param_groups(self, opt: OptimConfig) -> list[dict]:
         """Adam groups: text (decay except bias/LayerNorm), text no-decay, audio, vision, other."""
-        groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("text", "text_nodecay", "audio", "vision", "other")}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name.startswith(TEXT_PREFIX):
-                no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
-                groups["text_nodecay" if no_decay else "text"].append(p)
-            elif name.startswith(SEQ_PREFIX + "audio."):
-                groups["audio"].append(p)
-            elif name.startswith(SEQ_PREFIX + "vision."):
-                groups["vision"].append(p)
-            else:
-                groups["other"].append(p)
-        settings = {
-            "text": (opt.lr_text, opt.wd_text),
-            "text_nodecay": (opt.lr_text, 0.0),
-            "audio": (opt.lr_audio, opt.wd_audio),
-            "vision": (opt.lr_vision, opt.wd_vision),
-            "other": (opt.lr_other, opt.wd_other),
-        }
-        return [
-            {"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": k}
-            for k, ps in groups.items()
-            if ps
-        ]
+        return released_param_groups(self.named_parameters(), opt)
+
+
+def released_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], opt: OptimConfig) -> list[dict]:
+    """The released code's Adam groups of trainable parameters, found by name (module docstring)."""
+    groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("text", "text_nodecay", "audio", "vision", "other")}
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        if name.startswith(TEXT_PREFIX):
+            no_decay = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+            groups["text_nodecay" if no_decay else "text"].append(p)
+        elif name.startswith(SEQ_PREFIX + "audio."):
+            groups["audio"].append(p)
+        elif name.startswith(SEQ_PREFIX + "vision."):
+            groups["vision"].append(p)
+        else:
+            groups["other"].append(p)
+    settings = {
+        "text": (opt.lr_text, opt.wd_text),
+        "text_nodecay": (opt.lr_text, 0.0),
+        "audio": (opt.lr_audio, opt.wd_audio),
+        "vision": (opt.lr_vision, opt.wd_vision),
+        "other": (opt.lr_other, opt.wd_other),
+    }
+    return [{"params": ps, "lr": settings[k][0], "weight_decay": settings[k][1], "name": k}
+            for k, ps in groups.items() if ps]
