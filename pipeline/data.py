@@ -182,13 +182,15 @@ class PickleSource:
 
     def __init__(self, path: str | Path, lengths: LengthConfig, *, limit: int = 0):
         self.path, self.lengths = Path(path), lengths
-        splits = load_mmsa_pickle(self.path, zscore=False)
-        train = Split("train", splits["train"].ids, control_padded(splits["train"].tensors, lengths))
+        # caps work row by row, so capping whole splits and then taking the first `limit` rows
+        # equals capping those rows; the statistics are fit on the whole capped train split
+        capped = {k: Split(s.name, s.ids, control_padded(s.tensors, lengths))
+                  for k, s in load_mmsa_pickle(self.path, zscore=False).items()}
+        train = capped["train"]
         self._normaliser = Normaliser({m: zscore_stats(train, m) for m in NORMALISED if m in train.tensors})
-        self.splits = {k: Split(s.name, s.ids[:limit] if limit > 0 else s.ids,
-                                control_padded({t: (v[:limit] if limit > 0 else v) for t, v in s.tensors.items()},
-                                               lengths))
-                       for k, s in splits.items()}
+        keep = slice(limit) if limit > 0 else slice(None)
+        self.splits = {k: Split(s.name, s.ids[keep], {t: v[keep] for t, v in s.tensors.items()})
+                       for k, s in capped.items()}
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
