@@ -626,15 +626,18 @@ def main(args: argparse.Namespace) -> int:
         if not (args.extract_dir / "clips").is_dir() and not (args.extract_dir / "failures").is_dir():
             raise ShardsError(f"{args.extract_dir}: no clips/ or failures/ folder: not an extraction output")
         config_hash = extract_config_hash(used)
-        summary = packed_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash)
-        if summary is not None:  # clip tars were removed after packing: the shards are complete, keep them
-            print(f"shards in {args.output} are complete for this manifest and config; the clip tars were "
-                  f"removed after packing ({args.extract_dir / PACKED_RECORD}): kept", file=sys.stderr)
-            if args.remove_packed:
-                record = json.loads((args.extract_dir / PACKED_RECORD).read_text(encoding="utf-8"))
-                removed, freed = _unlink_clips(args.extract_dir, record["clips"])
-                print(f"removed the {removed} packed clip tar(s) left ({freed / 1e6:.1f} MB)", file=sys.stderr)
-        else:
+        # Under the folder's lock like a build: it takes over (and then removes) the lock file a
+        # run killed during the clip removal left behind.
+        with output_lock(args.output, f"msaflow shards {args.extract_dir} -o {args.output}"):
+            summary = packed_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash)
+            if summary is not None:  # clip tars were removed after packing: the shards are complete, keep them
+                print(f"shards in {args.output} are complete for this manifest and config; the clip tars were "
+                      f"removed after packing ({args.extract_dir / PACKED_RECORD}): kept", file=sys.stderr)
+                if args.remove_packed:
+                    record = json.loads((args.extract_dir / PACKED_RECORD).read_text(encoding="utf-8"))
+                    removed, freed = _unlink_clips(args.extract_dir, record["clips"])
+                    print(f"removed the {removed} packed clip tar(s) left ({freed / 1e6:.1f} MB)", file=sys.stderr)
+        if summary is None:
             clips = args.extract_dir / "clips"
             before = sum(p.stat().st_size for p in clips.glob("*.tar")) if args.remove_packed else 0
             summary = build_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash,

@@ -19,6 +19,7 @@ from test_shards import CLIPS, make_extraction
 from test_workflow import REPO, SNAKEMAKE, small_dataset, snakemake, write_config
 
 from msaflow.pipeline.cli import main as cli_main
+from msaflow.pipeline.lock import host_name
 from msaflow.pipeline.manifest import sanitize_key
 
 
@@ -64,11 +65,15 @@ def test_rerun_after_removal_keeps_the_finished_shards(packed, tmp_path, capsys)
     assert "are complete for this manifest and config" in capsys.readouterr().err
     assert hashes(out) == reference
 
-    # a kill during the removal: some clip tars are left, and Snakemake deletes the job's
-    # summary.json before it reruns the job; the rerun keeps the shards and finishes the removal
+    # a kill during the removal: some clip tars are left, so is the killed job's lock file, and
+    # Snakemake deletes the job's summary.json before it reruns the job; the rerun keeps the
+    # shards, finishes the removal and takes over (then removes) the stale lock
     for name in list(tars)[:3]:
         (extract_dir / "clips" / name).write_bytes(tars[name])
     (out / "summary.json").unlink()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".msaflow.lock").write_text(json.dumps({"pid": dead.pid, "host": host_name(), "command": "msaflow shards"}))
     assert shards(extract_dir, manifest, out, "--remove-packed") == 0
     assert hashes(out) == reference
     assert not list((extract_dir / "clips").glob("*.tar"))
