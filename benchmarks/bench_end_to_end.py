@@ -44,7 +44,7 @@ def shared_data() -> Path:
 
 def extract(work: Path, n_clips: int, fps: float, device: str) -> list[Path]:
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extract import ExtractConfig
+    from msaflow.pipeline.extraction.extract import ExtractConfig
 
     tars, extractor = [], None
     for i, name in enumerate(GRID[:n_clips]):
@@ -64,9 +64,9 @@ def run_one(name: str, tars: list[Path], batch_size: int, steps: int, device: st
 
     from msaflow.model.config import for_dataset
     from msaflow.model.end_to_end import EndToEndConfig, build_end_to_end
-    from msaflow.pipeline.distributed import to_device
-    from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
-    from msaflow.pipeline.tario import read_sample_tar
+    from msaflow.pipeline.training.distributed import to_device
+    from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
+    from msaflow.tario import read_sample_tar
 
     policy, bf16, ckpt = CONFIGS[name]
     members = [read_sample_tar(t)[1] for t in tars]

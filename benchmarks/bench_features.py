@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 from msaflow.extractors import frontends as F  # noqa: E402
 from msaflow.extractors.clip import ClipExtractor, ClipJob  # noqa: E402
 from msaflow.extractors.video import TailCheck  # noqa: E402
-from msaflow.pipeline.extract import ExtractConfig  # noqa: E402
-from msaflow.pipeline.tario import read_sample_tar  # noqa: E402
+from msaflow.pipeline.extraction.extract import ExtractConfig  # noqa: E402
+from msaflow.tario import read_sample_tar  # noqa: E402
 
 GRID_TEXT = {"b": "bin", "l": "lay", "p": "place", "s": "set"}  # first word of the GRID sentence
 

@@ -3,7 +3,7 @@
 A 60-s clip in features mode is 6,000 audio steps (CREPE-tiny, 258-d at 100 Hz), 1,500
 vision frames (FER, 135-d at 25 fps) and up to 128 text tokens (MiniLM, 384-d). The batch
 holds `--batch` such clips, made by the same length control the loader applies
-(`msaflow.pipeline.lengths.control_sample`), each setting in its own process so that its
+(`msaflow.pipeline.data.lengths.control_sample`), each setting in its own process so that its
 peak RSS is its own. One step = compute_loss on (complete, incomplete at r = 0.5) +
 backward; the median of `--steps` steps after one warm-up step.
 
@@ -36,8 +36,8 @@ def one_setting(name: str, batch: int, steps: int) -> dict:
     from msaflow.model.config import ModelConfig
     from msaflow.model.missing import simulate_missing
     from msaflow.model.registry import build_model
-    from msaflow.pipeline.lengths import LengthConfig, control_sample
-    from msaflow.pipeline.loader import Sample, collate
+    from msaflow.pipeline.data.lengths import LengthConfig, control_sample
+    from msaflow.pipeline.data.loader import Sample, collate
 
     torch.set_num_threads(2)
     cfg = LengthConfig.model_validate(SETTINGS[name])

@@ -35,8 +35,8 @@ import torch
 from msaflow.model.config import ModelConfig
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import build_model
-from msaflow.pipeline.loader import make_loader
-from msaflow.pipeline.tario import TarWriter, atomic_path, write_json_atomic
+from msaflow.pipeline.data.loader import make_loader
+from msaflow.tario import TarWriter, atomic_path, write_json_atomic
 
 DURATION, FPS, STEPS_PER_S, SAMPLE_RATE = 3.0, 25, 100, 16000
 FEATURE_DIMS = {"text": 384, "audio": 258, "vision": 135}

@@ -18,7 +18,7 @@ import torch
 from msaflow.model.config import for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import build_model
-from msaflow.pipeline.mmsa_pickle import iterate_batches, load_mmsa_pickle
+from msaflow.pipeline.data.mmsa_pickle import iterate_batches, load_mmsa_pickle
 
 
 def timed_pass(model, batches) -> float:

@@ -200,8 +200,8 @@ def read_rows(manifest: Path) -> tuple[list[str], list[dict]]:
 def replicate(base_manifest: Path, base_extract: Path, factor: int, manifest: Path, extract: Path,
               seed: int) -> None:
     """`factor` copies of every clip under new ids (new video ids, fresh labels), manifest and clip tars."""
-    from msaflow.pipeline.manifest import sanitize_key
-    from msaflow.pipeline.tario import write_sample_tar
+    from msaflow.datasets.manifest import sanitize_key
+    from msaflow.tario import write_sample_tar
 
     fields, rows = read_rows(base_manifest)
     rng = np.random.default_rng([seed, factor])

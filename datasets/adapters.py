@@ -16,7 +16,7 @@ from msaflow.datasets.mmsa_raw import MmsaRawAdapter
 from msaflow.datasets.segments import SegmentsAdapter
 
 if TYPE_CHECKING:
-    from msaflow.pipeline.manifest import ManifestConfig
+    from msaflow.datasets.manifest import ManifestConfig
 
 ADAPTERS: dict[str, type[DatasetAdapter]] = {
     MmsaRawAdapter.name: MmsaRawAdapter,

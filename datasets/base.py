@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
-    from msaflow.pipeline.manifest import ManifestConfig
+    from msaflow.datasets.manifest import ManifestConfig
 
 SPLITS = ("train", "valid", "test")
 # Other names datasets use for the same splits (compared lower-cased, stripped).

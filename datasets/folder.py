@@ -17,7 +17,7 @@ from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, read_csv_ta
                                    read_row_fields, resolve_inside)
 
 if TYPE_CHECKING:
-    from msaflow.pipeline.manifest import ManifestConfig
+    from msaflow.datasets.manifest import ManifestConfig
 
 WHOLE_FILE_CLIP_ID = "whole"
 

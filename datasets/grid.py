@@ -51,7 +51,7 @@ def make_demo(src: Path, out: Path) -> list[dict[str, str]]:
     Each GRID file is one recording, so its stem is the video id and it has one clip, `1`.
     Splits: a seeded split of the video ids (DEMO_SPLIT_FRACTIONS; 7/2/2 for 11 clips).
     """
-    from msaflow.pipeline.manifest import by_video_split
+    from msaflow.datasets.manifest import by_video_split
 
     clips = sorted(src.glob("*.mpg"))
     if not clips:

@@ -14,7 +14,7 @@ from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, check_name,
                                    read_layout_csv, read_row_fields)
 
 if TYPE_CHECKING:
-    from msaflow.pipeline.manifest import ManifestConfig
+    from msaflow.datasets.manifest import ManifestConfig
 
 
 class MmsaRawAdapter:

@@ -14,7 +14,7 @@ from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, check_name,
                                    peek_header, read_layout_csv, read_row_fields, resolve_inside)
 
 if TYPE_CHECKING:
-    from msaflow.pipeline.manifest import ManifestConfig
+    from msaflow.datasets.manifest import ManifestConfig
 
 
 def segment_clip_id(start: float, end: float) -> str:

@@ -98,7 +98,7 @@ def segment_folder(root: Path, recogniser, pause: float = 0.8, min_length: float
     from msaflow.datasets.base import Problems, VideoIndex
     from msaflow.datasets.folder import scan_videos, video_id_of
     from msaflow.datasets.segments import segment_clip_id
-    from msaflow.pipeline.manifest import ManifestConfig
+    from msaflow.datasets.manifest import ManifestConfig
 
     root = root.resolve()
     problems = Problems()
@@ -123,7 +123,7 @@ def segment_folder(root: Path, recogniser, pause: float = 0.8, min_length: float
 
 
 def write_segments(rows: list[dict], out: Path, with_text: bool) -> None:
-    from msaflow.pipeline.tario import atomic_path
+    from msaflow.tario import atomic_path
 
     fields = ["video_id", "clip_id", "start", "end", "path"] + (["text"] if with_text else [])
     with atomic_path(out) as tmp:

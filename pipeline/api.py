@@ -4,7 +4,7 @@ many-clip mode of `msaflow predict` (a folder of videos or a CSV of clips -> a C
 
 The functions take the options of the matching command as keyword arguments (the flag's
 name with `_` for `-`: `batch_size=4` for `--batch-size 4`) and run the same code; a user
-error raises `ValueError` (`msaflow.pipeline.data.DataError`) with the one-line message the
+error raises `ValueError` (`msaflow.pipeline.data.sources.DataError`) with the one-line message the
 command prints.
 """
 
@@ -36,7 +36,7 @@ def command_namespace(command: str, positional: list[str], options: dict[str, An
     from msaflow.pipeline.cli import COMMANDS, quiet_third_party
 
     quiet_third_party()
-    module = importlib.import_module(f"msaflow.pipeline.{COMMANDS[command][0]}")
+    module = importlib.import_module(COMMANDS[command][0])
     parser = argparse.ArgumentParser(prog=f"msaflow {command}")
     module.add_arguments(parser)
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
@@ -68,7 +68,7 @@ def _config_file(config: Any, folder: Path) -> Path | None:
 
 def train(data: str | Path, out: str | Path, *, model: str = "emt-dlfr", config: Any = None, **options) -> "Run":
     """Train a model (`msaflow train`); the run, loaded."""
-    from msaflow.pipeline.train import run_training
+    from msaflow.pipeline.training.train import run_training
 
     with tempfile.TemporaryDirectory(prefix="msaflow-api-") as tmp:
         args = command_namespace("train", [], {"data": data, "out": out, "model": model,
@@ -86,7 +86,7 @@ def evaluate(runs: str | Path | Iterable[str | Path], data: str | Path, *, out: 
              **options) -> dict:
     """Score runs (`msaflow evaluate`: seeds of one configuration, pooled); the metrics dict. Without
     `out` the metrics.json and CSV go to a temporary folder and only the dict is returned."""
-    from msaflow.pipeline.evaluate import evaluate_runs
+    from msaflow.pipeline.training.evaluate import evaluate_runs
 
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     with tempfile.TemporaryDirectory(prefix="msaflow-api-") as tmp:
@@ -104,8 +104,8 @@ def extract_clip(path: str | Path, text: str = "", *, config: Any = None, start:
     `config`: an ExtractConfig, a dict of its keys, or a YAML file (an `extract:` section or the
     section itself); default: `msaflow extract`'s defaults (raw mode)."""
     from msaflow.pipeline.cli import quiet_third_party
-    from msaflow.pipeline.extract import ExtractConfig, load_config
-    from msaflow.pipeline.predict import check_video, extract_members
+    from msaflow.pipeline.extraction.extract import ExtractConfig, load_config
+    from msaflow.pipeline.training.predict import check_video, extract_members
 
     quiet_third_party()
     if config is None or isinstance(config, dict):
@@ -124,7 +124,7 @@ def extract_clip(path: str | Path, text: str = "", *, config: Any = None, start:
 
 def results(runs: Iterable[str | Path], out: str | Path | None = None) -> list[dict]:
     """One row per run (`msaflow results`); appended to and deduplicated in `out` when given."""
-    from msaflow.pipeline.results import collect_rows, update_table
+    from msaflow.pipeline.reporting.results import collect_rows, update_table
 
     rows = collect_rows([Path(r) for r in ([runs] if isinstance(runs, (str, Path)) else runs)])
     if out is not None:
@@ -143,7 +143,7 @@ class Run:
     model (and in features mode the front-ends) stay loaded across calls."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", extract_config: str | Path | None = None):
-        from msaflow.pipeline import predict as p
+        from msaflow.pipeline.training import predict as p
 
         self.config_path, self.weights_path = p.resolve_checkpoint(Path(run_dir))
         self.dir = self.config_path.parent
@@ -168,7 +168,7 @@ class Run:
 
     def extract_settings(self):
         """The ExtractConfig of the run's training shards (checked against their config hash when reachable)."""
-        from msaflow.pipeline import predict as p
+        from msaflow.pipeline.training import predict as p
 
         if self._extract is None:
             if str(self.config.get("data", "")).endswith((".pkl", ".pickle")):
@@ -192,7 +192,7 @@ class Run:
         """The Prediction of one clip (score, face frames, audio and text presence)."""
         import torch
 
-        from msaflow.pipeline import predict as p
+        from msaflow.pipeline.training import predict as p
 
         video = Path(video)
         p.check_video(video)
@@ -216,7 +216,7 @@ class Run:
     def predict_many(self, clips: Iterable, *, use_asr: bool = True) -> list[dict]:
         """Score many clips: paths, or dicts with `path` (and optional `id`, `text`, `start`, `end`).
         One row per clip (PREDICTION_COLUMNS); a clip that cannot be used gets its `error`, the others go on."""
-        from msaflow.pipeline.predict import UnusableInput
+        from msaflow.pipeline.training.predict import UnusableInput
 
         rows = []
         for clip in clips:
@@ -240,7 +240,7 @@ class Run:
 def load_run(run_dir: str | Path, device: str = "cpu", extract_config: str | Path | None = None) -> Run:
     """A finished training run (folder with config.json and best.pt), its model loaded."""
     from msaflow.pipeline.cli import quiet_third_party
-    from msaflow.pipeline.predict import UnusableInput
+    from msaflow.pipeline.training.predict import UnusableInput
 
     quiet_third_party()
     try:
@@ -261,7 +261,7 @@ def _number(value) -> float | None:
 def clips_of_manifest(path: Path) -> list[dict]:
     """Clips of a CSV with `path` or `file` (relative paths: to the CSV's folder), optional `id`,
     `text`, `start`, `end` (an msaflow manifest has them all)."""
-    from msaflow.pipeline.data import DataError
+    from msaflow.pipeline.data.sources import DataError
 
     if not path.is_file():
         raise DataError(f"{path}: no such file (--manifest: a CSV of clips)")
@@ -294,7 +294,7 @@ def clips_of_folder(folder: Path) -> list[dict]:
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:
-    from msaflow.pipeline.tario import atomic_path
+    from msaflow.tario import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
@@ -305,8 +305,8 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 def predict_many_main(args: argparse.Namespace) -> int:
     """`msaflow predict FOLDER` / `msaflow predict --manifest CSV`: every clip scored, a CSV written."""
-    from msaflow.pipeline.data import DataError
-    from msaflow.pipeline.predict import UnusableInput, _device
+    from msaflow.pipeline.data.sources import DataError
+    from msaflow.pipeline.training.predict import UnusableInput, _device
 
     try:
         if args.manifest is not None and args.video is not None:

@@ -19,19 +19,25 @@ import logging
 import os
 import sys
 
-# command name -> (module under msaflow.pipeline, one-line help)
+# command name -> (module, one-line help), in the order data flows through them
 COMMANDS: dict[str, tuple[str, str]] = {
-    "manifest": ("manifest", "read a dataset and write the normalized clip manifest"),
-    "segment": ("segment", "cut long videos into utterances from their recognised speech (segments.csv)"),
-    "extract": ("extract", "decode clips, detect faces, compute fbank/tokens (raw or features mode)"),
-    "shards": ("shards", "pack extracted clips into WebDataset shards per split"),
-    "frontends": ("frontends_cli", "list the registered front-ends and their weights"),
-    "train": ("train", "train EMT-DLFR or a baseline"),
-    "export-text": ("export_text", "a run's fine-tuned text encoder as a Hugging Face folder (warm start)"),
-    "evaluate": ("evaluate", "metrics at every missing rate (or noise level) and their AUILC"),
-    "results": ("results", "one results table (CSV) across training runs, appended and deduplicated"),
-    "report": ("report", "robustness curves, face-crop contact sheet, failures, timings"),
-    "predict": ("predict", "sentiment score for one video, a folder or a manifest with a trained run"),
+    "manifest": ("msaflow.datasets.manifest", "read a dataset and write the normalized clip manifest"),
+    "segment": ("msaflow.datasets.speech_segments",
+                "cut long videos into utterances from their recognised speech (segments.csv)"),
+    "extract": ("msaflow.pipeline.extraction.extract",
+                "decode clips, detect faces, compute fbank/tokens (raw or features mode)"),
+    "frontends": ("msaflow.pipeline.extraction.frontends_cli", "list the registered front-ends and their weights"),
+    "shards": ("msaflow.pipeline.data.shards", "pack extracted clips into WebDataset shards per split"),
+    "train": ("msaflow.pipeline.training.train", "train EMT-DLFR or a baseline"),
+    "evaluate": ("msaflow.pipeline.training.evaluate",
+                 "metrics at every missing rate (or noise level) and their AUILC"),
+    "predict": ("msaflow.pipeline.training.predict",
+                "sentiment score for one video, a folder or a manifest with a trained run"),
+    "export-text": ("msaflow.pipeline.training.export_text",
+                    "a run's fine-tuned text encoder as a Hugging Face folder (warm start)"),
+    "results": ("msaflow.pipeline.reporting.results",
+                "one results table (CSV) across training runs, appended and deduplicated"),
+    "report": ("msaflow.pipeline.reporting.report", "robustness curves, face-crop contact sheet, failures, timings"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 EXIT_USER_ERROR = 2
@@ -126,7 +132,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:  # only the command being run pays for its imports
-            importlib.import_module(f"msaflow.pipeline.{module}").add_arguments(p)
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     another process (LockError) exit with 2, a stop by a signal with 128 + the signal's number;
     the run can be started again and resumes."""
     quiet_third_party()
-    from msaflow.pipeline.lock import LockError, Stopped
+    from msaflow.lock import LockError, Stopped
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, a usage error (one line, status 2)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USER_ERROR
     logger = setup_logging(log_level(args))
-    module = importlib.import_module(f"msaflow.pipeline.{COMMANDS[args.command][0]}")
+    module = importlib.import_module(COMMANDS[args.command][0])
     prefix = f"msaflow {args.command}: error:"
     try:
         return int(module.main(args) or 0)
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: ValueError) -> bool:
-    from msaflow.pipeline.data import DataError
+    from msaflow.pipeline.data.sources import DataError
 
     return isinstance(exc, (UserError, DataError))
 

@@ -21,10 +21,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from msaflow.pipeline.extract import ExtractConfig, output_settings
-from msaflow.pipeline.lengths import LengthConfig
-from msaflow.pipeline.manifest import ManifestConfig
-from msaflow.pipeline.shards import ShardsConfig
+from msaflow.pipeline.extraction.extract import ExtractConfig, output_settings
+from msaflow.pipeline.data.lengths import LengthConfig
+from msaflow.datasets.manifest import ManifestConfig
+from msaflow.pipeline.data.shards import ShardsConfig
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "workflow.schema.json"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -73,7 +73,7 @@ class TrainSection(BaseModel):
                                            description="ModelConfig keys over the preset (model/config.py)")
     optim: dict[str, Any] = Field(default_factory=dict, description="OptimConfig keys over the preset (model/config.py)")
     lengths: LengthConfig = Field(default_factory=LengthConfig,
-                                  description="per-modality caps on time steps and pooling (pipeline/lengths.py)")
+                                  description="per-modality caps on time steps and pooling (pipeline/data/lengths.py)")
 
 
 class EvaluateSection(BaseModel):

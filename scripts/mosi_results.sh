@@ -25,7 +25,7 @@ mkdir -p "$OUT/logs" "$OUT/runs"
 # the shared text-state cache once, before the parallel runs: train/valid at the single-model
 # grid and at every per-rate rate
 TRAIN_RATES="0.0,0.2,0.4,0.6,0.8,1.0$(printf ',%s' ${PER_RATE_RATES:-})"
-${PYTHON:-python} -m msaflow.pipeline.text_cache --data "$DATA" --cache "$CACHE" --train-rates "$TRAIN_RATES" --threads 2
+${PYTHON:-python} -m msaflow.pipeline.training.text_cache --data "$DATA" --cache "$CACHE" --train-rates "$TRAIN_RATES" --threads 2
 
 MODELS=${MODELS:-emt-dlfr emt}
 jobs_list() {

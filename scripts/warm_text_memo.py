@@ -19,7 +19,7 @@ from tqdm import tqdm
 from msaflow.model.config import for_dataset
 from msaflow.model.missing import sample_uniforms, valid_positions
 from msaflow.model.registry import build_model
-from msaflow.pipeline.mmsa_pickle import load_mmsa_pickle
+from msaflow.pipeline.data.mmsa_pickle import load_mmsa_pickle
 
 
 def all_versions(ids: torch.Tensor, length: int, uniforms: torch.Tensor, droppable: torch.Tensor,

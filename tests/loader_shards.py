@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msaflow.pipeline.tario import TarWriter, atomic_path, write_json_atomic
+from msaflow.tario import TarWriter, atomic_path, write_json_atomic
 
 FPS, AUDIO_RATE, SAMPLE_RATE = 25, 100, 16000
 DIMS = {"text": 384, "audio": 32, "vision": 64, "n_mels": 80, "face": 48}

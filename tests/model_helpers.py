@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from msaflow.model.config import for_dataset
-from msaflow.pipeline.mmsa_pickle import load_mmsa_pickle
+from msaflow.pipeline.data.mmsa_pickle import load_mmsa_pickle
 
 TINY = dict(d_model=16, n_layers=2, n_heads=2, head_dim=32, attn_dropout=0.0, ffn_dropout=0.0, head_dropout=0.0,
             pred_hidden_global=8, pred_hidden_text=16, pred_hidden_audio=4, pred_hidden_vision=4)

@@ -58,7 +58,7 @@ def test_extract_clip_returns_arrays(shared_data):
 
 @pytest.mark.slow
 def test_load_run_predicts_like_the_command_and_keeps_the_model(run_dir, shared_data, tmp_path, capsys):  # noqa: F811
-    from msaflow.pipeline.predict import predict
+    from msaflow.pipeline.training.predict import predict
 
     grid = shared_data / "raw" / "grid"
     run = msaflow.load_run(run_dir)
@@ -94,7 +94,7 @@ def test_load_run_predicts_like_the_command_and_keeps_the_model(run_dir, shared_
 def _has_no_asr() -> bool:
     import argparse
 
-    from msaflow.pipeline import predict
+    from msaflow.pipeline.training import predict
 
     p = argparse.ArgumentParser()
     predict.add_arguments(p)

@@ -155,7 +155,7 @@ def test_silence_gives_an_empty_transcript_not_invented_words(recogniser, silent
 
     # through the extraction: the text is missing, and the json says the recogniser ran and heard nothing
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extract import ExtractConfig
+    from msaflow.pipeline.extraction.extract import ExtractConfig
 
     cfg = ExtractConfig(**FAST, asr={})
     job = ClipJob(row=1, id="still/silence", key="still_silence", video_id="still", clip_id="silence",
@@ -201,7 +201,7 @@ def extracted(shared_data, silent_video, tmp_path_factory):
     text), the silent still, and one GRID clip whose text is given; then `msaflow shards`."""
     if not ASR_INSTALLED:
         pytest.skip(needs_asr.kwargs["reason"])
-    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
+    from msaflow.datasets.manifest import MANIFEST_COLUMNS
 
     tmp = tmp_path_factory.mktemp("asr_extract")
     grid = sorted((shared_data / "raw" / "grid").glob("*.mpg"))
@@ -281,7 +281,7 @@ def test_sources_are_recorded_and_counted_in_the_summaries(extracted):
         first = next(json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json"))
     assert first["text_source"] == "recognised" and first["asr"]["words"]
 
-    from msaflow.pipeline.report import data_section
+    from msaflow.pipeline.reporting.report import data_section
 
     body = data_section(tmp / "shards").markdown
     assert f"{len(grid) + 1} recognised by speech recognition (`whisper-tiny-en`" in body

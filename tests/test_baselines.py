@@ -10,7 +10,7 @@ import torch
 from msaflow.model.config import for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
-from msaflow.pipeline.mmsa_pickle import load_mmsa_pickle
+from msaflow.pipeline.data.mmsa_pickle import load_mmsa_pickle
 
 BASELINES = ("text-only", "late-fusion", "tfn-style", "lmf-style", "gated")  # DynMM: below, from trained experts
 N = 16

@@ -110,7 +110,7 @@ def test_third_party_progress_bars_are_silenced(shards, tmp_path):
 def test_epoch_progress_lines_when_no_terminal(caplog):
     import logging
 
-    from msaflow.pipeline.train import EpochProgress
+    from msaflow.pipeline.training.train import EpochProgress
 
     progress = EpochProgress(0, 10, enabled=True, every_s=0.0)
     with caplog.at_level(logging.INFO, logger="msaflow.train"):
@@ -123,7 +123,7 @@ def test_epoch_progress_lines_when_no_terminal(caplog):
 
 
 def test_run_records_data_hash_and_modalities(finished, shards):
-    from msaflow.pipeline.evaluate import data_fingerprint
+    from msaflow.pipeline.training.evaluate import data_fingerprint
 
     config = json.loads((finished / "config.json").read_text())
     assert config["data_hash"] == data_fingerprint(shards) and len(config["data_hash"]) == 64
@@ -158,7 +158,7 @@ def test_raw_shards_need_end_to_end(model, tmp_path, capsys):
 
 
 def _extract_settings():
-    from msaflow.pipeline.extract import ExtractConfig
+    from msaflow.pipeline.extraction.extract import ExtractConfig
 
     return ExtractConfig(mode="features", fps=5.0, detect_every=2, threads=1).model_dump(mode="json")
 
@@ -179,7 +179,7 @@ def _stamp(shard_dir: Path, settings: dict, in_index: bool) -> None:
 def test_a_run_made_by_hand_records_the_shards_extraction_settings(where, shards, tmp_path):
     """No --config: the settings come from the shards' index.json (or, for shards written before
     it recorded them, the extraction folder's chunk summary beside them), and predict accepts them."""
-    from msaflow.pipeline.predict import extract_config
+    from msaflow.pipeline.training.predict import extract_config
 
     copy = tmp_path / "results" / "shards"
     shutil.copytree(shards, copy)

@@ -19,8 +19,8 @@ from test_shards import CLIPS, make_extraction
 from test_workflow import REPO, SNAKEMAKE, small_dataset, snakemake, write_config
 
 from msaflow.pipeline.cli import main as cli_main
-from msaflow.pipeline.lock import host_name
-from msaflow.pipeline.manifest import sanitize_key
+from msaflow.lock import host_name
+from msaflow.datasets.manifest import sanitize_key
 
 
 def hashes(folder: Path) -> dict[str, str]:

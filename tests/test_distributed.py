@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from loader_shards import write_split
 from torch import nn
 
-from msaflow.pipeline import distributed as D
-from msaflow.pipeline.loader import make_loader
+from msaflow.pipeline.training import distributed as D
+from msaflow.pipeline.data.loader import make_loader
 
 TESTS = Path(__file__).resolve().parent
 

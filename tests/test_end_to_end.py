@@ -30,8 +30,8 @@ SMALL = dict(d_model=32, n_layers=1, n_heads=2, head_dim=32, attn_dropout=0.0, f
 def grid_members(shared_data, tmp_path_factory):
     """Raw-mode members of two GRID clips, extracted by `msaflow extract`'s per-clip code."""
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extract import ExtractConfig
-    from msaflow.pipeline.tario import read_sample_tar
+    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.tario import read_sample_tar
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("grid_raw")
@@ -53,7 +53,7 @@ def _grid_sentence(name: str) -> str:
 
 def raw_batch(members: list[dict]) -> dict:
     """The loader's raw-mode batch for these clips."""
-    from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
+    from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
 
     samples = [Sample(m["json"]["id"], m["json"], {k: m[k] for k in MODE_LAYOUTS["raw"].members}, 1.0)
                for m in members]

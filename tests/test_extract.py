@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from msaflow.extractors.text import tokenize
-from msaflow.pipeline.extract import ExtractConfig, load_config, parse_chunk, run
-from msaflow.pipeline.manifest import MANIFEST_COLUMNS, sanitize_key
-from msaflow.pipeline.tario import read_sample_tar
+from msaflow.pipeline.extraction.extract import ExtractConfig, load_config, parse_chunk, run
+from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
+from msaflow.tario import read_sample_tar
 
 sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402
@@ -307,7 +307,7 @@ def test_long_clip_path_gives_the_same_sample_as_one_chunk(shared_data, tmp_path
     decoding, crops written to disk chunk by chunk): same crops, mask and fbank as the
     one-chunk path. The clip has frames without the kept face, so the zero filling is exercised."""
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.tario import read_sample_tar
+    from msaflow.tario import read_sample_tar
 
     src = tmp_path / "long.mp4"  # a GRID clip twice, the picture blacked out from 2.0 to 3.5 s
     subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-i", str(media.make_concatenated(

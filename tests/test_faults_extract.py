@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 import yaml
 
-from msaflow.pipeline import tario
-from msaflow.pipeline.extract import ExtractConfig, run
-from msaflow.pipeline.extract_pool import environment_error
-from msaflow.pipeline.lock import LockError, host_name, lock_path, output_lock
-from msaflow.pipeline.manifest import MANIFEST_COLUMNS, sanitize_key
-from msaflow.pipeline.shards import ShardsConfig, build_shards
+from msaflow import tario
+from msaflow.pipeline.extraction.extract import ExtractConfig, run
+from msaflow.pipeline.extraction.pool import environment_error
+from msaflow.lock import LockError, host_name, lock_path, output_lock
+from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
+from msaflow.pipeline.data.shards import ShardsConfig, build_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_shards import CLIPS, make_extraction  # noqa: E402  (small synthetic clip tars)
@@ -194,7 +194,7 @@ def tmpfs(tmp_path):
 def test_second_holder_of_a_folder_is_refused_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from msaflow.pipeline.lock import output_lock
+        from msaflow.lock import output_lock
         with output_lock({str(tmp_path)!r}, "msaflow train --out run1"):
             print("held", flush=True)
             sys.stdin.read()
@@ -262,7 +262,7 @@ def test_temp_file_of_a_process_killed_mid_write_is_removed_later(tmp_path):
     target = tmp_path / "clips" / "a.tar"
     killed = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal
-        from msaflow.pipeline.tario import atomic_path
+        from msaflow.tario import atomic_path
         with atomic_path({str(target)!r}) as tmp:
             with open(tmp, "wb") as f:
                 f.write(b"x" * 100000)
@@ -443,7 +443,7 @@ def test_kill_9_of_the_parent_leaves_no_process_and_a_rerun_gives_the_same_shard
     # a process killed in the middle of a tar write leaves its temp file behind too
     subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal
-        from msaflow.pipeline.tario import atomic_path
+        from msaflow.tario import atomic_path
         with atomic_path({str(out / "clips" / "grid_pwij3p.tar")!r}) as tmp:
             open(tmp, "wb").write(b"partial" * 1000)
             os.kill(os.getpid(), signal.SIGKILL)

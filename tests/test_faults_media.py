@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from msaflow.extractors import audio, face, video
-from msaflow.pipeline.manifest import MANIFEST_COLUMNS, MAX_KEY_LENGTH, build_manifest, sanitize_key
-from msaflow.pipeline.tario import read_sample_tar
+from msaflow.datasets.manifest import MANIFEST_COLUMNS, MAX_KEY_LENGTH, build_manifest, sanitize_key
+from msaflow.tario import read_sample_tar
 
 sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402
@@ -373,8 +373,8 @@ def test_summary_counts_every_note(extracted):
 
 @pytest.mark.slow
 def test_240_character_file_name_extracts_and_reruns(shared_data, tmp_path):
-    from msaflow.pipeline.extract import ExtractConfig, run
-    from msaflow.pipeline.manifest import write_manifest
+    from msaflow.pipeline.extraction.extract import ExtractConfig, run
+    from msaflow.datasets.manifest import write_manifest
 
     root = tmp_path / "corpus"
     root.mkdir()

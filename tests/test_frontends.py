@@ -335,9 +335,9 @@ def test_features_mode_run_has_the_samples_and_failures_of_raw_mode(shared_data,
 
     import yaml
 
-    from msaflow.pipeline.extract import ExtractConfig, run
-    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
-    from msaflow.pipeline.tario import read_sample_tar
+    from msaflow.pipeline.extraction.extract import ExtractConfig, run
+    from msaflow.datasets.manifest import MANIFEST_COLUMNS
+    from msaflow.tario import read_sample_tar
 
     sys.path.insert(0, str(Path(__file__).parent))
     import media

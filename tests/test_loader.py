@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from loader_shards import CLS, SEP, write_split
 
-from msaflow.pipeline.loader import ShardError, epoch_sequence, make_loader, rank_batches, shuffle_buffer
+from msaflow.pipeline.data.loader import ShardError, epoch_sequence, make_loader, rank_batches, shuffle_buffer
 
 SHARD_SIZES = [7, 3, 5, 1]  # uneven on purpose; 16 samples
 

@@ -18,7 +18,7 @@ from msaflow.datasets.adapters import ADAPTERS
 from msaflow.datasets.base import ManifestError
 from msaflow.datasets.grid import grid_sentence
 from msaflow.pipeline.cli import main as cli_main
-from msaflow.pipeline.manifest import (MANIFEST_COLUMNS, ManifestConfig, build_manifest, by_video_split,
+from msaflow.datasets.manifest import (MANIFEST_COLUMNS, ManifestConfig, build_manifest, by_video_split,
                                        read_manifest, sanitize_key, write_manifest)
 
 DEMO = Path(msaflow.datasets.__file__).resolve().parent / "demo"

@@ -105,7 +105,7 @@ def test_installed_wheel_imports_beside_hugging_face_datasets(wheel, tmp_path):
     assert found["msaflow"].startswith(str(target))  # the wheel's copy, not the source tree
 
     # the installed copy reads its own bundled demo into a manifest
-    script = ("from importlib.resources import files; from msaflow.pipeline.manifest import build_manifest;"
+    script = ("from importlib.resources import files; from msaflow.datasets.manifest import build_manifest;"
               "print(len(build_manifest(files('msaflow.datasets') / 'demo')))")
     proc = run(sys.executable, "-c", script, cwd=elsewhere, env={**OFFLINE, "PYTHONPATH": str(target)})
     assert proc.stdout.strip().splitlines()[-1] == "11"

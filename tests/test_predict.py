@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from msaflow.pipeline.cli import main as cli
-from msaflow.pipeline.extract import ExtractConfig
+from msaflow.pipeline.extraction.extract import ExtractConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402
@@ -41,10 +41,10 @@ def run_dir(shared_data, tmp_path_factory) -> Path:
     from msaflow.model.config import ModelConfig, OptimConfig
     from msaflow.model.missing import simulate_missing
     from msaflow.model.registry import build_model
-    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
-    from msaflow.pipeline.data import streaming_stats
-    from msaflow.pipeline.loader import make_loader
-    from msaflow.pipeline.tario import atomic_path, write_json_atomic
+    from msaflow.datasets.manifest import MANIFEST_COLUMNS
+    from msaflow.pipeline.data.sources import streaming_stats
+    from msaflow.pipeline.data.loader import make_loader
+    from msaflow.tario import atomic_path, write_json_atomic
 
     torch.set_num_threads(2)
     tmp = tmp_path_factory.mktemp("predict_run")
@@ -89,7 +89,7 @@ def run_dir(shared_data, tmp_path_factory) -> Path:
 
 def test_predict_batch_is_the_training_batch(run_dir, shared_data):
     """A training clip through predict's extraction + normalisation = its row of the training data."""
-    from msaflow.pipeline import predict as p
+    from msaflow.pipeline.training import predict as p
 
     run = json.loads((run_dir / "config.json").read_text())
     cfg = p.extract_config(run, None, run["model"])
@@ -222,7 +222,7 @@ def test_end_to_end_run_from_raw_shards_predicts(shared_data, tmp_path, capsys):
     (FER fine-tuned, CREPE tiny frozen) -> `msaflow predict` on a held-out clip."""
     import yaml
 
-    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
+    from msaflow.datasets.manifest import MANIFEST_COLUMNS
 
     names = sorted(p.stem for p in (shared_data / "raw" / "grid").glob("*.mpg"))
     splits = ["train"] * 7 + ["valid"] * 2 + ["test"] * (len(names) - 9)

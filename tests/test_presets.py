@@ -8,8 +8,8 @@ from torch import nn
 
 from msaflow.model.config import RATE_GRIDS, for_dataset, max_rate, rate_grid
 from msaflow.model.encoders import SequenceEncoder, build_sequence_encoders
-from msaflow.pipeline import protocols
-from msaflow.pipeline.text_cache import COARSE_GRID
+from msaflow.pipeline.training import protocols
+from msaflow.pipeline.training.text_cache import COARSE_GRID
 
 
 def test_sims_preset_has_the_released_dropouts_and_widths():

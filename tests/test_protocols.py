@@ -11,9 +11,9 @@ import torch
 
 from model_helpers import mosi_path
 from msaflow.model.missing import drop_masks, simulate_missing
-from msaflow.pipeline import protocols
+from msaflow.pipeline.training import protocols
 from msaflow.pipeline.cli import main as cli
-from msaflow.pipeline.text_cache import COARSE_GRID
+from msaflow.pipeline.training.text_cache import COARSE_GRID
 
 N, T = 400, 60
 
@@ -56,7 +56,7 @@ def test_lnln_training_rates_are_per_sample_and_per_modality():
     assert torch.equal(view["text_ids"][view["text_missing"]], torch.full((int(view["text_missing"].sum()),), 100))
     assert float(view["audio"][view["audio_missing"]].abs().sum()) == 0.0
     # the training loop's own path (`views` in msaflow train) draws the same way
-    from msaflow.pipeline.train import views
+    from msaflow.pipeline.training.train import views
 
     _, looped = views(batch, spec, run, "train", generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(looped[f"{m}_missing_rate"], rates[m]) for m in rates)
@@ -101,7 +101,7 @@ def test_lnln_tests_at_0_to_0_9_and_validates_there():
 
 
 def test_paper_switch_sets_the_released_masks_normalisation_and_selection():
-    from msaflow.pipeline.train import RunConfig
+    from msaflow.pipeline.training.train import RunConfig
 
     run = RunConfig(data="x.pkl", protocol="per-rate", missing_rate=0.3, valid_rates=[0.0, 0.3],
                     optim_config={"select_on": "l1"}, model_config={"modalities": ["text", "audio"]})

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from msaflow.pipeline.cli import main as cli_main
-from msaflow.pipeline.manifest import MANIFEST_COLUMNS, sanitize_key
-from msaflow.pipeline.shards import ShardsConfig, build_shards
-from msaflow.pipeline.tario import read_sample_tar, write_sample_tar
+from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
+from msaflow.pipeline.data.shards import ShardsConfig, build_shards
+from msaflow.tario import read_sample_tar, write_sample_tar
 
 FPS, SR, CROP, N_MELS = 5.0, 16000, 16, 80
 
@@ -183,7 +183,7 @@ def test_broken_clip_tar_is_a_failure_and_others_go_on(tmp_path):
 def test_interrupted_write_leaves_no_partial_tar_under_the_final_name(tmp_path, monkeypatch):
     manifest, extract_dir = make_extraction(tmp_path, CLIPS)
     out = tmp_path / "shards"
-    from msaflow.pipeline import tario
+    from msaflow import tario
 
     calls = {"n": 0}
     real_add = tario.TarWriter.add_bytes
@@ -242,7 +242,7 @@ def test_plain_webdataset_multiworker_reads_every_sample_once(tmp_path):
 
 def test_config_hash_is_of_the_extract_config_the_clips_were_made_with(tmp_path, capsys):
     from msaflow.pipeline.config import extract_config_hash
-    from msaflow.pipeline.extract import ExtractConfig
+    from msaflow.pipeline.extraction.extract import ExtractConfig
 
     manifest, extract_dir = make_extraction(tmp_path, CLIPS)
     used = ExtractConfig(fps=FPS, detect_every=2).model_dump(mode="json")

@@ -1,4 +1,4 @@
-"""The one data path (`msaflow.pipeline.data`): streamed shards, stored statistics, length caps.
+"""The one data path (`msaflow.pipeline.data.sources`): streamed shards, stored statistics, length caps.
 
 Fast tests run on small shard sets written exactly as `msaflow shards` writes them
 (tests/loader_shards.py); the slow ones on features shards extracted from real GRID clips
@@ -22,9 +22,9 @@ import torch
 from loader_shards import write_split
 
 from msaflow.pipeline.cli import main as cli
-from msaflow.pipeline.data import (DataError, Normaliser, PickleSource, ShardSource, keep_real, open_source,
+from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, ShardSource, keep_real, open_source,
                                    streaming_stats)
-from msaflow.pipeline.lengths import LengthConfig, ModalityLength, control_padded, control_sample, pool_steps
+from msaflow.pipeline.data.lengths import LengthConfig, ModalityLength, control_padded, control_sample, pool_steps
 
 NO_DROPOUT = {"model": {"attn_dropout": 0.0, "ffn_dropout": 0.0, "head_dropout": 0.0}}
 
@@ -173,9 +173,9 @@ def test_data_must_be_shards_or_a_named_pickle(tmp_path, capsys):
 
 
 def test_pickle_source_warns_once_and_splits_rows_over_ranks(shared_data, capsys, monkeypatch):
-    from msaflow.pipeline import data
+    from msaflow.pipeline.data import sources
 
-    monkeypatch.setattr(data, "_WARNED", set())  # a fresh process: earlier tests opened the pickle too
+    monkeypatch.setattr(sources, "_WARNED", set())  # a fresh process: earlier tests opened the pickle too
     pkl = shared_data / "mosi_utt" / "mosi_utt_ta.pkl"
     source = open_source(pkl, limit=40)
     open_source(pkl, limit=40)
@@ -260,7 +260,7 @@ GRID_TEXTS = {  # transcripts of different lengths: batches lack the split's lon
 def grid_shards(shared_data, tmp_path_factory) -> Path:
     import yaml
 
-    from msaflow.pipeline.manifest import MANIFEST_COLUMNS
+    from msaflow.datasets.manifest import MANIFEST_COLUMNS
 
     tmp = tmp_path_factory.mktemp("grid_stream")
     available = {p.stem for p in (shared_data / "raw" / "grid").glob("*.mpg")}
@@ -284,7 +284,7 @@ def grid_shards(shared_data, tmp_path_factory) -> Path:
 def test_real_clips_train_and_streaming_evaluation_equals_whole_split(grid_shards, tmp_path):
     from msaflow.model.metrics import compute_metrics
     from msaflow.model.missing import simulate_missing
-    from msaflow.pipeline.evaluate import load_run
+    from msaflow.pipeline.training.evaluate import load_run
 
     lengths = [b["text_lengths"].tolist() for b in open_source(grid_shards).batches("train", 64)]
     assert len(set(lengths[0])) > 2  # transcripts of different lengths in one split
@@ -316,7 +316,7 @@ def test_real_clips_train_and_streaming_evaluation_equals_whole_split(grid_shard
 
 
 def test_a_run_folder_has_one_writer(shards, tmp_path, capsys):
-    from msaflow.pipeline.lock import output_lock
+    from msaflow.lock import output_lock
 
     out = tmp_path / "run"
     with output_lock(out, "another msaflow train"):

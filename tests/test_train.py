@@ -17,7 +17,7 @@ import yaml
 
 from model_helpers import mosi_path
 from msaflow.pipeline.cli import main as cli
-from msaflow.pipeline.mmsa_pickle import MMSAPickleError, load_mmsa_pickle
+from msaflow.pipeline.data.mmsa_pickle import MMSAPickleError, load_mmsa_pickle
 
 TINY_YAML = {"model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "head_dim": 32, "pred_hidden_global": 8,
                        "pred_hidden_text": 16, "pred_hidden_audio": 4},
@@ -48,7 +48,7 @@ def _small_pickle(shared_data: Path, path: Path, edit) -> Path:
 
 
 def test_text_cache_prebuilds_train_and_valid_at_the_asked_rates(shared_data, tmp_path, monkeypatch):
-    from msaflow.pipeline import text_cache
+    from msaflow.pipeline.training import text_cache
 
     data = _small_pickle(shared_data, tmp_path / "small.pkl", lambda d: None)
     monkeypatch.setattr(sys, "argv", ["text_cache", "--data", str(data), "--cache", str(tmp_path / "cache"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msaflow.pipeline.tario import atomic_path, decode_member, iter_tar_members
+from msaflow.tario import atomic_path, decode_member, iter_tar_members
 
 CURVE_METRICS = ["MAE", "Corr", "Acc-2_non0", "F1_non0", "Acc-7", "Acc-5"]
 

@@ -67,7 +67,7 @@ def temp_owner(name: str) -> tuple[int, str] | None:
 
 def remove_stale_temp(folder: str | os.PathLike) -> list[Path]:
     """Remove the temp files in `folder` left by processes of this host that no longer run."""
-    from msaflow.pipeline.lock import host_name, pid_alive
+    from msaflow.lock import host_name, pid_alive
 
     removed, me = [], host_name()
     try:
@@ -107,7 +107,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     a power loss `path` is either absent or complete. An OSError without a file name (a write
     into an open file: no space, I/O error) is raised again naming `path`.
     """
-    from msaflow.pipeline.lock import host_name
+    from msaflow.lock import host_name
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ whose tar or failure record exists is skipped (resume). The chunk ends with a su
 Faults of the machine (no space, permission or I/O errors writing the output, a worker stopped
 from outside) are never recorded against a clip: the run stops with one line naming the file
 and the problem, and a rerun retries the clip. One process per chunk: `.msaflow-extract-K-of-N.lock`
-(pipeline/lock.py); scratch files live in a folder of the process (`tmp/<pid>@<host>/`). On
+(msaflow/lock.py); scratch files live in a folder of the process (`tmp/<pid>@<host>/`). On
 resume every finished tar's index is checked; a damaged one is extracted again.
 """
 
@@ -135,7 +135,7 @@ def read_jobs(manifest: Path) -> tuple[list, list[dict]]:
     import pandas as pd
 
     from msaflow.extractors.clip import ClipJob
-    from msaflow.pipeline.manifest import sanitize_key
+    from msaflow.datasets.manifest import sanitize_key
 
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8")
     missing = {"id", "path"} - set(table.columns)
@@ -208,7 +208,7 @@ def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = 
     the worker is stopped and this run's temp files are removed); a fault of the machine raises
     TransientError.
     """
-    from msaflow.pipeline.lock import output_lock
+    from msaflow.lock import output_lock
 
     k, n = chunk
     with output_lock(out, f"msaflow extract {manifest} -o {out} --chunk {k}/{n}", name=f"extract-{k}-of-{n}"):
@@ -232,7 +232,7 @@ LEFTOVER_FOLDERS = (".", "clips", "failures", "chunks")
 
 def _check_overlapping_chunks(out: Path, k: int, n: int) -> None:
     """Chunks K/N and K'/N hold other clips; any other chunking (e.g. 1/1 beside 2/4) overlaps."""
-    from msaflow.pipeline.lock import LockError, describe_holder, held_by
+    from msaflow.lock import LockError, describe_holder, held_by
 
     for path in sorted(out.glob(".msaflow-extract-*-of-*.lock")):
         m = _LOCK_RE.fullmatch(path.name)
@@ -245,8 +245,8 @@ def _check_overlapping_chunks(out: Path, k: int, n: int) -> None:
 
 def _remove_leftovers(out: Path) -> int:
     """Remove temp files and scratch folders of this host's processes that no longer run."""
-    from msaflow.pipeline.lock import host_name, pid_alive
-    from msaflow.pipeline.tario import remove_stale_temp
+    from msaflow.lock import host_name, pid_alive
+    from msaflow.tario import remove_stale_temp
 
     removed = sum(len(remove_stale_temp(out / folder)) for folder in LEFTOVER_FOLDERS)
     me = host_name()
@@ -262,7 +262,7 @@ def _process_dir(out: Path) -> Path:
     """The folder this process's worker writes through: `out/tmp/<pid>@<host>/`, whose `clips`
     links to `out/clips`, so the clip tars land in `out/clips` and the scratch files in a folder
     of this process (`.../tmp/<key>`). `out` itself where links cannot be made."""
-    from msaflow.pipeline.lock import host_name
+    from msaflow.lock import host_name
 
     work = out / "tmp" / f"{os.getpid()}@{host_name()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -279,7 +279,7 @@ def _process_dir(out: Path) -> Path:
 def _stop_on_signals():
     """SIGTERM / SIGINT raise lock.Stopped in the main thread, so the run unwinds: the worker is
     stopped and the temp files removed. Further signals are ignored while it cleans up."""
-    from msaflow.pipeline.lock import Stopped
+    from msaflow.lock import Stopped
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -303,7 +303,7 @@ def _stop_on_signals():
 def _finished_clip(tar: Path) -> dict | None:
     """The json of a finished clip tar, after checking its whole index (tario.check_tar); None when
     it is damaged (cut short by a power loss, say): the tar is then removed, with a note."""
-    from msaflow.pipeline.tario import check_tar
+    from msaflow.tario import check_tar
 
     try:
         check_tar(tar)
@@ -320,8 +320,8 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
 
     from msaflow.extractors.asr import check_available, text_source
     from msaflow.extractors.clip import STAGES
-    from msaflow.pipeline.extract_pool import IsolatedExtractor
-    from msaflow.pipeline.tario import write_json_atomic
+    from msaflow.pipeline.extraction.pool import IsolatedExtractor
+    from msaflow.tario import write_json_atomic
 
     k, n = chunk
     t0 = time.perf_counter()

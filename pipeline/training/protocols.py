@@ -39,17 +39,11 @@ import torch
 
 from msaflow.model.config import OptimConfig, max_rate, rate_grid
 from msaflow.model.missing import present_modalities
+from msaflow.pipeline.training.rates import LNLN_GRID, parse_rates, rate_key
 
 PROTOCOLS = ("per-rate", "single-model", "lnln")
-LNLN_TEST_GRID = "0.0:0.9:0.1"
-LNLN_VALID_GRID = "0.0:0.9:0.1"
+LNLN_TEST_GRID = LNLN_VALID_GRID = LNLN_GRID
 RELEASED = {"text_model": "bert-base-uncased (fine-tuned)", "grad_accum": 4, "patience": 8, "batch_size": None}
-
-
-def _rates(spec: str) -> list[float]:
-    from msaflow.pipeline.evaluate import parse_rates
-
-    return parse_rates(spec)
 
 
 def _get(run, key, default=None):
@@ -62,16 +56,16 @@ def scored_rates(run) -> list[float]:
     if protocol == "per-rate":
         return [_get(run, "missing_rate")]
     if protocol == "lnln":
-        return _rates(LNLN_TEST_GRID)
-    return _rates(rate_grid(_get(run, "dataset", "mosi")))
+        return parse_rates(LNLN_TEST_GRID)
+    return parse_rates(rate_grid(_get(run, "dataset", "mosi")))
 
 
 def default_valid_rates(protocol: str, dataset: str, missing_rate: float) -> list[float]:
     if protocol == "per-rate":
         return [missing_rate]
     if protocol == "lnln":
-        return _rates(LNLN_VALID_GRID)
-    return _rates(f"0.0:{max_rate(dataset)}:0.2")  # MOSI/MOSEI: 0.0:1.0:0.2
+        return parse_rates(LNLN_VALID_GRID)
+    return parse_rates(f"0.0:{max_rate(dataset)}:0.2")  # MOSI/MOSEI: 0.0:1.0:0.2
 
 
 def cached_train_rates(run, coarse_grid) -> list[float]:
@@ -235,9 +229,7 @@ def run_settings(run) -> dict:
 def rate_average(per_rate: dict, grid: str = LNLN_TEST_GRID) -> dict | None:
     """Mean over the rates of `grid` (lnln: 0.0 ... 0.9) of every metric of `{rate: metrics}`, or
     None when a rate of the grid is missing; undefined values (None) are left out of the mean."""
-    from msaflow.pipeline.evaluate import rate_key
-
-    keys = [rate_key(r) for r in _rates(grid)]
+    keys = [rate_key(r) for r in parse_rates(grid)]
     if not all(k in per_rate for k in keys):
         return None
     out = {}

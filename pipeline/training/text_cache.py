@@ -10,7 +10,7 @@ redrawn per batch); train and validation use the rates 0.0, 0.2, ..., 1.0 (the
 single-model protocol draws its rate from them instead of U[0, 1]); test uses 0.0, 0.1, ..., 1.0.
 
 Prebuild (optional; `msaflow train --text-cache DIR` builds what is missing):
-    python -m msaflow.pipeline.text_cache --data PKL --cache DIR [--splits test,valid,train]
+    python -m msaflow.pipeline.training.text_cache --data PKL --cache DIR [--splits test,valid,train]
         [--train-rates 0.0:1.0:0.1]   (train/valid rates: per-rate runs at other rates than the default grid)
 """
 
@@ -25,11 +25,13 @@ import torch
 from tqdm import tqdm
 
 from msaflow.model.missing import simulate_missing
-from msaflow.pipeline.mmsa_pickle import Split, load_mmsa_pickle
-from msaflow.pipeline.tario import atomic_path
+from msaflow.pipeline.data.mmsa_pickle import Split, load_mmsa_pickle
+from msaflow.pipeline.training.rates import COARSE_GRID as COARSE_SPEC
+from msaflow.pipeline.training.rates import TEST_GRID, parse_rates
+from msaflow.tario import atomic_path
 
-GRID = tuple(round(0.1 * i, 1) for i in range(11))  # test rates
-COARSE_GRID = tuple(round(0.2 * i, 1) for i in range(6))  # train/valid rates of the cached mode (CPU budget)
+GRID = tuple(parse_rates(TEST_GRID))  # test rates
+COARSE_GRID = tuple(parse_rates(COARSE_SPEC))  # train/valid rates of the cached mode (CPU budget)
 TRAIN_SEED_OFFSET = 7  # train masks use mask_seed + 7 so they differ from the valid/test draw
 
 
@@ -129,7 +131,6 @@ def main() -> int:
                    help="missing rates cached for train and valid, e.g. 0.0:1.0:0.1 (test: always the 0.1 grid)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    from msaflow.pipeline.evaluate import parse_rates  # evaluate imports this module
 
     torch.set_num_threads(args.threads)
     splits = load_mmsa_pickle(args.data)

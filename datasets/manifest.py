@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from msaflow.datasets.adapters import ADAPTERS, select_adapter
 from msaflow.datasets.base import SPLITS, ClipRecord, ManifestError, Problems
-from msaflow.pipeline.tario import atomic_path
+from msaflow.tario import atomic_path
 
 MANIFEST_COLUMNS = ["id", "video_id", "clip_id", "path", "start", "end", "text", "label", "split",
                     "label_T", "label_A", "label_V"]

@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 
 from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS
-from msaflow.pipeline.tario import atomic_path
+from msaflow.tario import atomic_path
 
 log = logging.getLogger("msaflow.results")
 ID_COLUMNS = ["run", "model", "protocol", "missing_rate", "seed", "dataset", "encoder", "modalities", "n_test",
@@ -58,7 +58,7 @@ def _metric_columns(per_rate: dict, auilc: dict | None) -> dict:
 def run_row(run_dir: Path) -> dict:
     """The row of one training run folder (config.json + metrics.json)."""
     from msaflow.model.metrics import auilc_table
-    from msaflow.pipeline.data import DataError
+    from msaflow.pipeline.data.sources import DataError
 
     config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
     if not config_path.is_file():
@@ -84,7 +84,7 @@ def run_row(run_dir: Path) -> dict:
 
 def evaluate_row(path: Path) -> dict:
     """The row of a pooled `msaflow evaluate` output (mean over its runs)."""
-    from msaflow.pipeline.data import DataError
+    from msaflow.pipeline.data.sources import DataError
 
     metrics = json.loads(path.read_text(encoding="utf-8"))
     if "rates" not in metrics or "runs" not in metrics:
@@ -133,7 +133,7 @@ def read_table(path: Path) -> list[dict]:
 
 def update_table(path: Path, rows: list[dict]) -> tuple[int, int]:
     """Add `rows` to the CSV at `path` (a row with the same `run` replaced); (added, replaced)."""
-    from msaflow.pipeline.data import DataError
+    from msaflow.pipeline.data.sources import DataError
 
     old = read_table(path)
     if old and KEY_COLUMN not in old[0]:
@@ -155,7 +155,7 @@ def update_table(path: Path, rows: list[dict]) -> tuple[int, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from msaflow.pipeline.data import DataError
+    from msaflow.pipeline.data.sources import DataError
 
     missing = [str(p) for p in args.runs if not p.exists()]
     if missing:

@@ -5,7 +5,7 @@ MASTER_ADDR and MASTER_PORT set. `init_distributed()` reads them and joins the p
 group (NCCL on GPUs, Gloo on CPU); started without them (plain `python`), it returns a
 one-process context and creates no group, so `msaflow train` runs the same code either
 way: the model wrapped by `wrap_model`, each rank reading its own share of the data
-(`msaflow.pipeline.data`), validation sums added with `all_reduce_sum`.
+(`msaflow.pipeline.data.sources`), validation sums added with `all_reduce_sum`.
 
 Every helper is a no-op (or the identity) in a one-process run.
 """

@@ -1,9 +1,9 @@
 """`msaflow train`: train EMT-DLFR (or any registered model) on shards or an MMSA feature pickle.
 
-Data come through one path (`msaflow.pipeline.data`): shards are streamed batch by batch,
+Data come through one path (`msaflow.pipeline.data.sources`): shards are streamed batch by batch,
 each DDP rank reading its own share; audio/vision are z-scored with train statistics fit in
 one streaming pass and stored in the run folder (`normaliser.json`); every sample is capped
-per modality (`lengths`, `msaflow.pipeline.lengths`).
+per modality (`lengths`, `msaflow.pipeline.data.lengths`).
 
 The loop, in order: for every batch draw the incomplete view (missing rate r fixed for the
 `per-rate` protocol, r ~ U[0, 1] per batch for `single-model`), loss = model.compute_loss
@@ -52,18 +52,19 @@ from tqdm import tqdm
 from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import available_models, build_model
-from msaflow.pipeline.data import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
+from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
                                    read_index)
-from msaflow.pipeline.loader import ShardError
-from msaflow.pipeline.distributed import (DistContext, all_reduce_sum, barrier, cleanup, gather_objects,
+from msaflow.pipeline.data.loader import ShardError
+from msaflow.pipeline.training.distributed import (DistContext, all_reduce_sum, barrier, cleanup, gather_objects,
                                           init_distributed, to_device, wrap_model)
-from msaflow.pipeline.evaluate import DEFAULT_GRID, parse_rates, run_text_cache, score
-from msaflow.pipeline.lengths import LengthConfig
-from msaflow.pipeline.lock import output_lock
-from msaflow.pipeline.tario import atomic_path, write_json_atomic
-from msaflow.pipeline.text_cache import COARSE_GRID, split_mask_seed
-from msaflow.pipeline import protocols
-from msaflow.pipeline.protocols import PROTOCOLS  # per-rate, single-model, lnln (pipeline/protocols.py)
+from msaflow.pipeline.training.evaluate import data_fingerprint, run_text_cache, score
+from msaflow.pipeline.training.rates import TEST_GRID, parse_rates
+from msaflow.pipeline.data.lengths import LengthConfig
+from msaflow.lock import output_lock
+from msaflow.tario import atomic_path, write_json_atomic
+from msaflow.pipeline.training.text_cache import COARSE_GRID, split_mask_seed
+from msaflow.pipeline.training import protocols
+from msaflow.pipeline.training.protocols import PROTOCOLS  # per-rate, single-model, lnln (pipeline/training/protocols.py)
 log = logging.getLogger("msaflow.train")
 PROGRESS_EVERY_S = 60.0  # an in-epoch progress line at most this often when no progress bar is shown
 TEXT_ONLY_MODELS = ("text-only",)  # read text by design: never refused for leaving audio/vision unused
@@ -95,7 +96,7 @@ class RunConfig:
     data_hash: str = ""  # sha256 of the shards' index.json files or of the pickle (`evaluate` compares it)
     modalities: dict = field(default_factory=dict)  # {"data": [...], "used": [...], "unused": [...]}
     complete_share: float = 0.5  # lnln protocol: share of training samples complete, per modality
-    paper: bool = False  # --paper: the released masks, normalisation and selection (pipeline/protocols.py)
+    paper: bool = False  # --paper: the released masks, normalisation and selection (pipeline/training/protocols.py)
 
 
 # Recorded since a later version: a run folder written before lacks them and resumes without them
@@ -307,7 +308,7 @@ def shards_extract_settings(shard_dir: str | Path, given: dict | None) -> dict:
     of an extraction folder beside the shards (the workflow's `extract-<hash>/chunks/`); {} when
     none is known (said on stderr: `msaflow predict` then needs --extract-config)."""
     from msaflow.pipeline.config import extract_config_hash
-    from msaflow.pipeline.extract import ExtractConfig
+    from msaflow.pipeline.extraction.extract import ExtractConfig
 
     try:
         index = read_index(shard_dir, "train")
@@ -347,7 +348,6 @@ def shards_extract_settings(shard_dir: str | Path, given: dict | None) -> dict:
 
 
 def build_run_config(args: argparse.Namespace, source, overrides: dict | None = None) -> RunConfig:
-    from msaflow.pipeline.evaluate import data_fingerprint
 
     overrides = overrides if overrides is not None else read_overrides(args.config)
     model_cfg, optim_cfg = for_dataset(args.dataset)
@@ -448,7 +448,7 @@ def validation_loss(model, source, normalise: Normaliser, run: RunConfig, batch_
 
 def train_rate(run: RunConfig, generator: torch.Generator):
     """A float rate for the batch (per-rate, single-model: U[0, the dataset's top rate], the coarse
-    grid with cached text states), or the lnln per-sample draw's spec (pipeline/protocols.py)."""
+    grid with cached text states), or the lnln per-sample draw's spec (pipeline/training/protocols.py)."""
     return protocols.train_rate(run, generator, COARSE_GRID)
 
 

@@ -32,9 +32,9 @@ from msaflow import __version__
 from msaflow.datasets.base import SPLITS
 from msaflow.extractors.audio import STEPS_PER_SECOND
 from msaflow.extractors.asr import text_source
-from msaflow.pipeline.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
-from msaflow.pipeline.lock import output_lock
-from msaflow.pipeline.tario import TarWriter, atomic_path, check_tar, npy_data_size, remove_stale_temp, write_json_atomic
+from msaflow.datasets.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
+from msaflow.lock import output_lock
+from msaflow.tario import TarWriter, atomic_path, check_tar, npy_data_size, remove_stale_temp, write_json_atomic
 
 FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
 FBANK_RATE = float(STEPS_PER_SECOND)  # the 10 ms audio grid of fbank.npy / audio.npy / audio_mask.npy
@@ -314,7 +314,7 @@ def extract_config(extract_dir: Path, given: dict | None) -> dict:
     `extract:` section of --config) when one is given, on every setting that changes the
     output (not on runtime settings such as the device). Without either, the defaults.
     """
-    from msaflow.pipeline.extract import ExtractConfig, output_settings
+    from msaflow.pipeline.extraction.extract import ExtractConfig, output_settings
 
     recorded = {}
     for summary in sorted((extract_dir / "chunks").glob("*.json")):

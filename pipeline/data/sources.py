@@ -4,7 +4,7 @@
 an MMSA feature pickle; both answer the same three questions:
 
 - `batches(split, batch_size, ...)`: this process's batches of a split, one epoch. Shards are
-  streamed by the loader (`msaflow.pipeline.loader`): each rank reads its own share of the
+  streamed by the loader (`msaflow.pipeline.data.loader`): each rank reads its own share of the
   shards, exactly once per epoch, and nothing holds a whole split. A pickle is small and is
   read whole; under DDP each rank takes its block of rows of every global batch.
 - `fit_normaliser()`: the z-scoring statistics of audio/vision features, fit on the train
@@ -12,7 +12,7 @@ an MMSA feature pickle; both answer the same three questions:
   (`normaliser.json`) and reused by evaluation and prediction, which never open train.
 - `modalities` / `feature_dims`: what the model is built for.
 
-Length control (`msaflow.pipeline.lengths`) is applied to every sample before batching.
+Length control (`msaflow.pipeline.data.lengths`) is applied to every sample before batching.
 Weight-0 rows (the loader's top-up of a short last step, `weight` in the batch) are padding
 for DDP and never count in a loss sum or a metric.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from msaflow.pipeline.lengths import LengthConfig, control_padded, control_sample
-from msaflow.pipeline.loader import ShardError, ShardLocation, SplitIndex, make_loader, shard_location
-from msaflow.pipeline.mmsa_pickle import SPLITS, Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
+from msaflow.pipeline.data.lengths import LengthConfig, control_padded, control_sample
+from msaflow.pipeline.data.loader import ShardError, ShardLocation, SplitIndex, make_loader, shard_location
+from msaflow.pipeline.data.mmsa_pickle import SPLITS, Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
 
 NORMALISED = ("audio", "vision")
 NORMALISER_FILE = "normaliser.json"
@@ -66,7 +66,7 @@ class Normaliser:
         return cls({m: (torch.tensor(v["mean"]), torch.tensor(v["std"])) for m, v in d.items()})
 
     def save(self, run_dir: Path) -> None:
-        from msaflow.pipeline.tario import write_json_atomic
+        from msaflow.tario import write_json_atomic
 
         write_json_atomic(run_dir / NORMALISER_FILE, self.to_json())
 
@@ -237,7 +237,7 @@ def data_exists(path: str | Path) -> bool:
 
 def read_index(path: str | Path, split: str) -> dict:
     """The raw `index.json` of one split of a local or remote shard folder (ShardError if unreadable)."""
-    from msaflow.pipeline.loader import open_shard_file
+    from msaflow.pipeline.data.loader import open_shard_file
 
     location = shard_location(path) / split / "index.json"
     try:

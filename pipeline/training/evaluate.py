@@ -38,15 +38,15 @@ from msaflow.model.config import ModelConfig
 from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.model.registry import build_model
-from msaflow.pipeline.data import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
+from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
                                    read_index)
-from msaflow.pipeline.loader import ShardError
-from msaflow.pipeline.mmsa_pickle import SPLITS
-from msaflow.pipeline import protocols
-from msaflow.pipeline.distributed import to_device
-from msaflow.pipeline.tario import atomic_path, write_json_atomic
+from msaflow.pipeline.data.loader import ShardError
+from msaflow.pipeline.data.mmsa_pickle import SPLITS
+from msaflow.pipeline.training import protocols
+from msaflow.pipeline.training.rates import TEST_GRID, parse_rates, rate_key
+from msaflow.pipeline.training.distributed import to_device
+from msaflow.tario import atomic_path, write_json_atomic
 
-DEFAULT_GRID = "0.0:1.0:0.1"
 log = logging.getLogger("msaflow.evaluate")
 # RunConfig keys that may differ between runs pooled into one result (seeds; the per-rate
 # protocol's rates), and the ones that say nothing about the model (paths, machine settings)
@@ -81,21 +81,6 @@ def data_fingerprint(path: str | Path) -> str:
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
-
-
-def parse_rates(spec: str) -> list[float]:
-    """"0.0:1.0:0.1" (start:stop:step, stop included) or "0,0.5,1"."""
-    if ":" in spec:
-        start, stop, step = (float(x) for x in spec.split(":"))
-        if step <= 0:
-            raise ValueError(f"rate step must be > 0 in {spec!r}")
-        n = int(round((stop - start) / step))
-        return [round(start + i * step, 6) for i in range(n + 1)]
-    return [float(x) for x in spec.split(",") if x.strip()]
-
-
-def rate_key(rate: float) -> str:
-    return repr(round(float(rate), 6))
 
 
 @torch.no_grad()
@@ -187,7 +172,7 @@ def same_data(a: str | Path, b: str | Path) -> bool:
 
 def run_source(run: dict, data: Path, run_dir: Path):
     """(data source, normaliser) for scoring a run on `data`: the run's own length caps and statistics."""
-    from msaflow.pipeline.lengths import LengthConfig
+    from msaflow.pipeline.data.lengths import LengthConfig
 
     source = open_source(data, LengthConfig.model_validate(run.get("lengths") or {}), limit=run.get("limit", 0),
                          bucket=run.get("bucket", 8))
@@ -232,7 +217,7 @@ def run_text_cache(run: dict, splits: dict | None, needed: list[tuple[str, float
     """The run's frozen text-state cache with the `needed` (split, rate) files built, or None."""
     if not run.get("text_cache"):
         return None
-    from msaflow.pipeline.text_cache import TextStateCache
+    from msaflow.pipeline.training.text_cache import TextStateCache
 
     cache = TextStateCache(run["text_cache"], splits, run["model_config"]["text_model"], run["mask_seed"],
                            run["model_config"]["unk_id"])
@@ -297,7 +282,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="training run directories (seeds / per-rate runs are aggregated)")
     p.add_argument("--data", required=True,
                    help="shard folder or MMSA feature pickle (trusted file; it is unpickled): the runs' data")
-    p.add_argument("--rates", default=None, help=f"grid 'start:stop:step' or 'a,b,c' (default {DEFAULT_GRID} for "
+    p.add_argument("--rates", default=None, help=f"grid 'start:stop:step' or 'a,b,c' (default {TEST_GRID} for "
                    "single-model runs, the training rate for per-rate runs)")
     p.add_argument("--corruption", choices=["missing", "noise"], default="missing",
                    help="missing: drop features at rate r; noise: add level*N(0,1) to audio/vision")
@@ -377,7 +362,7 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
         elif args.corruption == "missing":
             rates = protocols.scored_rates(run)  # per-rate: its rate; lnln: 0.0 ... 0.9; else the dataset's grid
         else:
-            rates = parse_rates(DEFAULT_GRID)
+            rates = parse_rates(TEST_GRID)
         same = run.get("data_hash") == data_hash
         log.info(f"{run_dir}: {run['model']} seed {run['seed']} at {args.corruption} {rates} "
                  f"({'the data it trained on' if same else 'other data than it trained on: scored afresh'})")

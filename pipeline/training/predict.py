@@ -150,7 +150,7 @@ def load_model(config_path: Path, weights_path: Path, device: str):
 
 def training_shards(run: dict) -> Path | None:
     """The shard folder the run trained on, when it is one and is reachable from here."""
-    from msaflow.pipeline.data import is_shard_dir
+    from msaflow.pipeline.data.sources import is_shard_dir
 
     data = run.get("data")
     return Path(data) if data and Path(data).is_dir() and is_shard_dir(data) else None
@@ -170,7 +170,7 @@ def shards_extract_settings(run: dict) -> dict | None:
 def extract_config(run: dict, override: Path | None, model_name: str):
     """The extraction settings of the training data; checked against the shards' config hash."""
     from msaflow.pipeline.config import extract_config_hash
-    from msaflow.pipeline.extract import ExtractConfig, load_config
+    from msaflow.pipeline.extraction.extract import ExtractConfig, load_config
 
     if override is not None:
         try:
@@ -215,7 +215,7 @@ def extract_members(video: Path, text: str, start: float | None, end: float | No
 
     from msaflow.extractors.clip import ClipExtractor, ClipJob
     from msaflow.extractors.video import DecodeError
-    from msaflow.pipeline.tario import read_sample_tar
+    from msaflow.tario import read_sample_tar
 
     if cfg.mode == "features" and frontends is None:
         from msaflow.extractors import frontends as fe
@@ -241,8 +241,8 @@ def extract_members(video: Path, text: str, start: float | None, end: float | No
 def members_to_batch(members: dict, mode: str, run: dict | None = None) -> dict:
     """A batch of one, collated exactly as the shard loader collates training batches (with the
     run's length caps, when a run is given)."""
-    from msaflow.pipeline.lengths import LengthConfig, control_sample
-    from msaflow.pipeline.loader import MODE_LAYOUTS, Sample, collate
+    from msaflow.pipeline.data.lengths import LengthConfig, control_sample
+    from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
 
     names = tuple(m for m in MODE_LAYOUTS[mode].members if m in members)
     arrays = {k: members[k] for k in names}
@@ -259,7 +259,7 @@ def normalise_like_training(batch: dict, run: dict, mode: str, run_dir: Path) ->
     split while training): the train split itself is never opened here."""
     if mode != "features" or not run.get("zscore", False):
         return batch
-    from msaflow.pipeline.data import DataError, Normaliser
+    from msaflow.pipeline.data.sources import DataError, Normaliser
 
     try:
         return Normaliser.load(run_dir)(batch)

@@ -18,7 +18,7 @@ all ranks x workers:
 4. With `shuffle`, each worker passes its samples through a seeded shuffle buffer
    (seed, epoch, rank, worker) before cutting batches.
 
-5. Optional per-sample `transform` (length control, `msaflow.pipeline.lengths`) right after
+5. Optional per-sample `transform` (length control, `msaflow.pipeline.data.lengths`) right after
    decoding, and length bucketing: `bucket` consecutive batches of a worker are filled from
    their samples sorted by length (and, when shuffling, run in a seeded order), so padding
    stays small while the buffer stays bounded.

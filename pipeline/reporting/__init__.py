@@ -1,0 +1,1 @@
+"""Reporting: one results table across runs (`msaflow results`) and the run report (`msaflow report`)."""
