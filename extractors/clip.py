@@ -248,7 +248,7 @@ class ClipExtractor:
 
                     members = raw_to_features(members, self.frontends)
             with timer("write"):
-                from msaflow.pipeline.tario import write_sample_tar
+                from msaflow.tario import write_sample_tar
 
                 write_sample_tar(out_dir / "clips" / f"{job.key}.tar", job.key, members)
         except DecodeError:

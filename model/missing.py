@@ -8,7 +8,7 @@ into the batch as `<modality>_missing` (B, T) bool so the reconstruction loss ca
 
 The rate is one number for the whole batch (the EMT-DLFR protocols), or per sample and per
 modality: a (B,) tensor, or a dict modality -> number or (B,) tensor (the `lnln` protocol:
-every sample and modality its own rate, pipeline/protocols.py).
+every sample and modality its own rate, pipeline/training/protocols.py).
 
 Two ways to draw the masks:
 - `generator`: a fresh draw per call (training default: a new mask every batch);

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from msaflow.pipeline.tario import atomic_path
+from msaflow.tario import atomic_path
 
 KEY_BYTES = 16
 
