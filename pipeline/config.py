@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
+from msaflow.configfile import canonical_json, load_yaml, read_section  # noqa: F401 (re-read by the Snakefile)
 from msaflow.pipeline.extraction.extract import ExtractConfig, output_settings
 from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.datasets.manifest import ManifestConfig
@@ -113,31 +113,6 @@ def workflow_schema() -> dict:
 
 def schema_text() -> str:
     return json.dumps(workflow_schema(), indent=2, sort_keys=True) + "\n"
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read config ({exc})") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def read_section(path: str | Path, section: str) -> dict:
-    """One step's section of a workflow YAML ({} when absent)."""
-    value = load_yaml(path).get(section) or {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: section {section!r} must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def extract_config_hash(section: dict) -> str:
