@@ -12,7 +12,6 @@ A workflow YAML has one section per step (`dataset`, `extract`, `shards`; later 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from msaflow.configfile import canonical_json, load_yaml, read_section  # noqa: F401 (re-read by the Snakefile)
-from msaflow.pipeline.extraction.extract import ExtractConfig, output_settings
+# extract_config_hash is read from here by the Snakefile and pipeline/training; it lives in
+# pipeline/extraction/settings.py
+from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_hash  # noqa: F401
 from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.datasets.manifest import ManifestConfig
 from msaflow.pipeline.data.shards import ShardsConfig
@@ -113,12 +114,6 @@ def workflow_schema() -> dict:
 
 def schema_text() -> str:
     return json.dumps(workflow_schema(), indent=2, sort_keys=True) + "\n"
-
-
-def extract_config_hash(section: dict) -> str:
-    """sha256 of the canonical JSON of the extract settings that determine the output
-    (validated, defaults filled in; runtime settings such as the device left out)."""
-    return hashlib.sha256(canonical_json(output_settings(section)).encode("utf-8")).hexdigest()
 
 
 def load_workflow_config(path: str | Path) -> WorkflowConfig:

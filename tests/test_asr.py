@@ -135,7 +135,7 @@ def test_weights_hash_is_checked_at_load(tmp_path):
 
 
 def test_config_hash_unchanged_without_asr_and_independent_of_the_model_folder():
-    from msaflow.pipeline.config import extract_config_hash
+    from msaflow.pipeline.extraction.settings import extract_config_hash
 
     assert extract_config_hash({}) == extract_config_hash({"asr": None})
     assert extract_config_hash({"asr": {}}) != extract_config_hash({})
@@ -155,7 +155,7 @@ def test_silence_gives_an_empty_transcript_not_invented_words(recogniser, silent
 
     # through the extraction: the text is missing, and the json says the recogniser ran and heard nothing
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
 
     cfg = ExtractConfig(**FAST, asr={})
     job = ClipJob(row=1, id="still/silence", key="still_silence", video_id="still", clip_id="silence",

@@ -30,7 +30,7 @@ SMALL = dict(d_model=32, n_layers=1, n_heads=2, head_dim=32, attn_dropout=0.0, f
 def grid_members(shared_data, tmp_path_factory):
     """Raw-mode members of two GRID clips, extracted by `msaflow extract`'s per-clip code."""
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
     from msaflow.tario import read_sample_tar
 
     torch.set_num_threads(2)

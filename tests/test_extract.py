@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from msaflow.extractors.text import tokenize
-from msaflow.pipeline.extraction.extract import ExtractConfig, load_config, parse_chunk, run
+from msaflow.pipeline.extraction.extract import parse_chunk, run
+from msaflow.pipeline.extraction.settings import ExtractConfig, load_config
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
 from msaflow.tario import read_sample_tar
 

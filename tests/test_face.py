@@ -22,7 +22,7 @@ def test_stage_clip_keeps_one_track_the_main_speaker(shared_data, tmp_path):
     """Several small faces on stage: every candidate track is scored, the documented rule
     picks exactly one, and it is the most present one; the extraction crops only it."""
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
 
     path = shared_data / "raw/hamilton/short_hamilton_clip.mp4"
     start, end, fps = 7.8, 9.0, 5.0
@@ -155,7 +155,7 @@ def test_steady_clip_costs_keyframes_only_and_a_cut_is_found_to_the_frame(shared
     out from 1.3 s: detection narrows down on the cut, so the face ends at frame 32 exactly
     (keyframes alone would stop at frame 25)."""
     from msaflow.extractors.clip import ClipExtractor
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
 
     def run(path, **cfg):
         extractor = ClipExtractor(ExtractConfig(fps=25.0, detect_every=25, **cfg), device="cpu")

@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from msaflow import tario
-from msaflow.pipeline.extraction.extract import ExtractConfig, run
+from msaflow.pipeline.extraction.extract import run
+from msaflow.pipeline.extraction.settings import ExtractConfig
 from msaflow.pipeline.extraction.pool import environment_error
 from msaflow.lock import LockError, host_name, lock_path, output_lock
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key

@@ -373,7 +373,8 @@ def test_summary_counts_every_note(extracted):
 
 @pytest.mark.slow
 def test_240_character_file_name_extracts_and_reruns(shared_data, tmp_path):
-    from msaflow.pipeline.extraction.extract import ExtractConfig, run
+    from msaflow.pipeline.extraction.extract import run
+    from msaflow.pipeline.extraction.settings import ExtractConfig
     from msaflow.datasets.manifest import write_manifest
 
     root = tmp_path / "corpus"

@@ -335,7 +335,8 @@ def test_features_mode_run_has_the_samples_and_failures_of_raw_mode(shared_data,
 
     import yaml
 
-    from msaflow.pipeline.extraction.extract import ExtractConfig, run
+    from msaflow.pipeline.extraction.extract import run
+    from msaflow.pipeline.extraction.settings import ExtractConfig
     from msaflow.datasets.manifest import MANIFEST_COLUMNS
     from msaflow.tario import read_sample_tar
 

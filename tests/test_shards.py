@@ -241,8 +241,7 @@ def test_plain_webdataset_multiworker_reads_every_sample_once(tmp_path):
 
 
 def test_config_hash_is_of_the_extract_config_the_clips_were_made_with(tmp_path, capsys):
-    from msaflow.pipeline.config import extract_config_hash
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_hash
 
     manifest, extract_dir = make_extraction(tmp_path, CLIPS)
     used = ExtractConfig(fps=FPS, detect_every=2).model_dump(mode="json")

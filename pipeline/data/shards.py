@@ -29,11 +29,13 @@ from pydantic import BaseModel, ConfigDict, PositiveInt
 from tqdm import tqdm
 
 from msaflow import __version__
+from msaflow.configfile import read_section
 from msaflow.datasets.base import SPLITS
 from msaflow.extractors.audio import STEPS_PER_SECOND
 from msaflow.extractors.asr import text_source
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
 from msaflow.lock import output_lock
+from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_hash, output_settings
 from msaflow.tario import TarWriter, atomic_path, check_tar, npy_data_size, remove_stale_temp, write_json_atomic
 
 FAILURE_COLUMNS = ["id", "path", "stage", "reason"]
@@ -314,8 +316,6 @@ def extract_config(extract_dir: Path, given: dict | None) -> dict:
     `extract:` section of --config) when one is given, on every setting that changes the
     output (not on runtime settings such as the device). Without either, the defaults.
     """
-    from msaflow.pipeline.extraction.extract import ExtractConfig, output_settings
-
     recorded = {}
     for summary in sorted((extract_dir / "chunks").glob("*.json")):
         if (used := json.loads(summary.read_text(encoding="utf-8")).get("config")) is not None:
@@ -613,8 +613,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from msaflow.pipeline.config import extract_config_hash, read_section
-
     try:
         section = read_section(args.config, "shards") if args.config else {}
         overrides = {"max_samples": args.max_samples, "max_bytes": args.max_bytes}

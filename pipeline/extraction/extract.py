@@ -27,84 +27,12 @@ import threading
 import time
 from collections import Counter, defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from msaflow.extractors.asr import AsrConfig
-
-
-class ExtractConfig(BaseModel):
-    """Knobs of the extraction step (defaults: config/extract.yaml says the same, with why)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["raw", "features"] = "raw"
-    frontends: str = Field("face=fer,audio=crepe-tiny,text=minilm",
-                           description="features mode: modality=front-end pairs")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=0, description="torch threads in the worker (0 = torch's default); scale out "
-                         "with parallel jobs instead: MTCNN's small convolutions gain little from threads")
-    fps: float = Field(25.0, gt=0, description="output frame rate")
-    n_mels: int = Field(80, ge=1)
-    face_size: int = Field(112, ge=16, description="side of the square face crop, pixels")
-    face_margin: float = Field(0.25, ge=0, description="crop side = max(box w, h) x (1 + margin)")
-    align_faces: bool = Field(True, description="rotate crops so the eyes are level")
-    detect_scale: float = Field(0.5, gt=0, le=1, description="frames are downscaled by this for MTCNN")
-    detect_every: int = Field(50, ge=1, description="keyframes: run MTCNN on every n-th output frame (+ the last)")
-    refine_iou: float = Field(0.6, ge=0, le=1, description="between keyframes whose faces differ (count, or IoU "
-                              "below this) also detect halfway, recursively; 0 = never")
-    detect_batch: int = Field(32, ge=1, description="frames per MTCNN call")
-    min_face_size: int = Field(40, ge=1, description="smallest face side kept, full-resolution pixels")
-    min_face_prob: float = Field(0.9, ge=0, le=1)
-    mtcnn_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    track_iou: float = Field(0.3, gt=0, le=1, description="min IoU to link a box to a track")
-    fill_gap_s: float = Field(0.5, ge=0, description="interpolate the track over gaps up to this long")
-    chunk_frames: int = Field(128, ge=1, description="frames decoded at a time (bounds memory)")
-    max_decode_side: int | None = Field(720, ge=64, description="frames whose longest side is larger are "
-                                        "downscaled to it while decoding (bounds memory by pixels); null = never")
-    max_duration_ratio: float | None = Field(2.0, gt=1, description="a segment declaring more than this times what "
-                                             "the media holds from its start is a failure; video timestamps spanning "
-                                             "more than this times what its frames last make the video unusable (the "
-                                             "audio is kept); null = never")
-    text_model: str = Field("minilm", description="tokenizer: 'minilm' or a local HF model folder")
-    text_max_len: int = Field(50, ge=2)
-    clip_timeout_s: float | None = Field(1800.0, gt=0, description="kill a worker stuck on one clip")
-    asr: AsrConfig | None = Field(None, description="speech recognition for clips without a transcript "
-                                  "(extractors/asr.py); null = off")
-
-
-# How an extraction runs, not what it writes: left out when settings are compared or hashed,
-# so chunks run on GPU and CPU machines (or with other thread counts) make one dataset.
-RUNTIME_SETTINGS = ("device", "threads", "chunk_frames", "clip_timeout_s")
-
-
-def output_settings(section: dict) -> dict:
-    """The validated extract settings (defaults filled in) that determine the clips' contents."""
-    from msaflow.extractors.asr import output_settings as asr_settings
-
-    validated = ExtractConfig.model_validate(section).model_dump(mode="json")
-    validated["asr"] = asr_settings(validated["asr"])
-    if validated["asr"] is None:  # off: the hash of a config without ASR is what it was before ASR existed
-        del validated["asr"]
-    return {k: v for k, v in validated.items() if k not in RUNTIME_SETTINGS}
-
-
-def load_config(path: str | Path | None) -> ExtractConfig:
-    """ExtractConfig from a YAML that is the extract section or has an `extract:` key."""
-    if path is None:
-        return ExtractConfig()
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    section = data.get("extract", data) if "extract" in data else data
-    try:
-        return ExtractConfig.model_validate(section or {})
-    except Exception as exc:
-        raise ValueError(f"{path}: invalid extract config:\n{exc}") from exc
+# The settings live in pipeline/extraction/settings.py; pipeline/training and pipeline/api still
+# import ExtractConfig and load_config from here.
+from msaflow.pipeline.extraction.settings import ExtractConfig, load_config
 
 
 def parse_chunk(text: str) -> tuple[int, int]:
@@ -170,14 +98,6 @@ def _clip_meta(tar_path: Path) -> dict:
             if info.name.endswith(".json"):
                 return json.loads(tar.extractfile(info).read())
     raise ValueError(f"{tar_path}: no json member")
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -314,97 +234,65 @@ def _finished_clip(tar: Path) -> dict | None:
         return None
 
 
+SUMMARY_COUNTS = ("clips", "ok", "failed", "resumed", "redone", "no_face", "face_frames_missing", "no_audio",
+                  "empty_text", "segment_clamped", "video_unusable", "audio_unusable", "worker_restarts",
+                  "text_given", "text_recognised")
+FAILURE_FIELDS = ("id", "path", "stage", "reason")
+
+
+@dataclass
+class _Tally:
+    """What a chunk's summary reports, gathered clip by clip (resumed and extracted alike)."""
+
+    counts: Counter = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    failures: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)  # kept clips with a modality dropped or a segment clamped
+
+    def kept(self, job, n_frames: int, n_face: int, has_audio: bool, has_text: bool, text_from: str,
+             notes: list[dict]) -> None:
+        self.counts.update(ok=1)
+        self.counts["face_frames_missing"] += n_frames - n_face
+        self.counts["no_face"] += n_face == 0
+        self.counts["no_audio"] += not has_audio
+        self.counts["empty_text"] += not has_text
+        self.counts[f"text_{text_from}"] += 1
+        for note in notes:  # extractors/clip.py: segment_clamped, video_unusable, audio_unusable
+            self.counts[note["kind"]] += 1
+            self.warnings.append({"id": job.id, "path": job.path, "kind": note["kind"], "reason": note["reason"]})
+
+    def failed(self, record: dict) -> None:
+        self.counts.update(failed=1)
+        self.failures.append(record)
+
+
 def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], progress: bool,
          work: Path) -> dict:
-    from tqdm import tqdm
-
-    from msaflow.extractors.asr import check_available, text_source
-    from msaflow.extractors.clip import STAGES
-    from msaflow.pipeline.extraction.pool import IsolatedExtractor
+    from msaflow.device import resolve_device
     from msaflow.tario import write_json_atomic
 
     k, n = chunk
     t0 = time.perf_counter()
-    jobs, bad_rows = read_jobs(manifest)
-    jobs = [j for j in jobs if (j.row - 1) % n == k - 1]
-    bad_rows = bad_rows if k == 1 else []  # rows that cannot be parsed: recorded by chunk 1 only
-    clips_dir, fail_dir = out / "clips", out / "failures"
-    clips_dir.mkdir(parents=True, exist_ok=True)
-    fail_dir.mkdir(parents=True, exist_ok=True)
-    for bad in bad_rows:
-        if not (fail_dir / f"{bad['key']}.json").exists():
-            write_json_atomic(fail_dir / f"{bad['key']}.json", {x: bad[x] for x in ("id", "path", "stage", "reason")})
-
-    counts: Counter = Counter(clips=len(jobs) + len(bad_rows), failed=len(bad_rows))
-    seconds: dict[str, float] = defaultdict(float)
-    failures = [{x: b[x] for x in ("id", "path", "stage", "reason")} for b in bad_rows]
-    warnings: list[dict] = []  # kept clips with a modality dropped or a segment clamped
-    todo = []
-    for job in jobs:
-        tar, fail = clips_dir / f"{job.key}.tar", fail_dir / f"{job.key}.json"
-        meta = None
-        if tar.exists() and (meta := _finished_clip(tar)) is None:
-            counts.update(redone=1)  # damaged: removed, and extracted again below
-        if meta is not None:
-            counts.update(ok=1, resumed=1)
-            _count_modalities(counts, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"])
-            counts[f"text_{text_source(meta)}"] += 1
-            _count_notes(counts, warnings, job, meta.get("notes", []))
-        elif fail.exists():
-            counts.update(failed=1, resumed=1)
-            failures.append(json.loads(fail.read_text(encoding="utf-8")))
-        else:
-            todo.append(job)
-
-    device = _resolve_device(cfg.device)
+    jobs, bad_rows = _chunk_jobs(manifest, k, n)
+    for folder in ("clips", "failures"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    tally = _Tally(Counter(clips=len(jobs) + len(bad_rows)))
+    _record_bad_rows(out, bad_rows, tally)
+    todo = _resume(out, jobs, tally)
+    device = str(resolve_device(cfg.device))  # "cpu" or "cuda:<index>", as the worker takes it
     spec = cfg.frontends if cfg.mode == "features" else None
     if spec is not None:  # a bad spec fails here, before any worker starts
         from msaflow.extractors.frontends import parse_spec
 
         parse_spec(spec)
-    asr_info = check_available(cfg.asr) if cfg.asr is not None and todo else None  # one line, before any worker
-    frontends_info = None
-    if todo:
-        with IsolatedExtractor(cfg, device, cfg.threads, spec, cfg.clip_timeout_s) as worker:
-            bar = tqdm(todo, desc=f"extract {k}/{n}", unit="clip", disable=not progress)
-            for job in bar:
-                result = worker.extract(job, work)
-                if "fatal" in result:
-                    raise RuntimeError(result["fatal"])
-                if "transient" in result:
-                    raise TransientError(f"{result['transient']} (while extracting {job.id}; nothing is recorded "
-                                         f"for it: fix this and run again, finished clips are kept)")
-                if result["ok"]:
-                    counts.update(ok=1)
-                    _count_modalities(counts, result["n_frames"], result["n_face_frames"],
-                                      result["has_audio"], result["has_text"])
-                    counts[f"text_{result.get('text_source', 'none')}"] += 1
-                    _count_notes(counts, warnings, job, result.get("notes", []))
-                    for stage, s in result["seconds"].items():
-                        seconds[stage] += s
-                else:
-                    record = {"id": job.id, "path": job.path, "stage": result["stage"], "reason": result["reason"]}
-                    write_json_atomic(fail_dir / f"{job.key}.json", record)
-                    failures.append(record)
-                    counts.update(failed=1)
-                    bar.write(f"failed: {job.id} ({job.path}): [{record['stage']}] {record['reason']}")
-            if spec is not None:
-                frontends_info = worker.describe_frontends()
-            counts["worker_restarts"] = worker.restarts
-    summary = {
-        "chunk": f"{k}/{n}", "mode": cfg.mode, "device": device,
-        "counts": {c: int(counts.get(c, 0)) for c in
-                   ("clips", "ok", "failed", "resumed", "redone", "no_face", "face_frames_missing", "no_audio",
-                    "empty_text", "segment_clamped", "video_unusable", "audio_unusable", "worker_restarts",
-                    "text_given", "text_recognised")},
-        "seconds": {**{s: round(seconds.get(s, 0.0), 4) for s in STAGES},
-                    **({"features": round(seconds["features"], 4)} if "features" in seconds else {}),
-                    **({"asr": round(seconds["asr"], 4)} if "asr" in seconds else {}),
-                    "wall": round(time.perf_counter() - t0, 4)},
-        "failures": failures,
-        "warnings": warnings,
-        "config": cfg.model_dump(mode="json"),
-    }
+    asr_info = None
+    if cfg.asr is not None and todo:  # one line, before any worker
+        from msaflow.extractors.asr import check_available
+
+        asr_info = check_available(cfg.asr)
+    frontends_info = _extract_clips(todo, out, work, cfg, device, spec, tally, f"extract {k}/{n}", progress) \
+        if todo else None
+    summary = _summary(f"{k}/{n}", cfg, device, tally, time.perf_counter() - t0)
     if frontends_info is not None:
         summary["frontends"] = frontends_info
     if asr_info is not None:
@@ -413,18 +301,96 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
     return summary
 
 
-def _count_modalities(counts: Counter, n_frames: int, n_face: int, has_audio: bool, has_text: bool) -> None:
-    counts["face_frames_missing"] += n_frames - n_face
-    counts["no_face"] += n_face == 0
-    counts["no_audio"] += not has_audio
-    counts["empty_text"] += not has_text
+def _chunk_jobs(manifest: Path, k: int, n: int) -> tuple[list, list[dict]]:
+    """The chunk's ClipJobs, and the manifest rows that cannot be parsed (chunk 1 records those)."""
+    jobs, bad_rows = read_jobs(manifest)
+    return [j for j in jobs if (j.row - 1) % n == k - 1], bad_rows if k == 1 else []
 
 
-def _count_notes(counts: Counter, warnings: list[dict], job, notes: list[dict]) -> None:
-    """A kept clip's notes (extractors/clip.py: segment_clamped, video_unusable, audio_unusable)."""
-    for note in notes:
-        counts[note["kind"]] += 1
-        warnings.append({"id": job.id, "path": job.path, "kind": note["kind"], "reason": note["reason"]})
+def _record_bad_rows(out: Path, bad_rows: list[dict], tally: _Tally) -> None:
+    from msaflow.tario import write_json_atomic
+
+    for bad in bad_rows:
+        record = {x: bad[x] for x in FAILURE_FIELDS}
+        if not (out / "failures" / f"{bad['key']}.json").exists():
+            write_json_atomic(out / "failures" / f"{bad['key']}.json", record)
+        tally.failed(record)
+
+
+def _resume(out: Path, jobs: list, tally: _Tally) -> list:
+    """Count the clips a run before finished (a kept tar, or a failure record); the jobs left to do.
+    A damaged tar is removed and its clip done again."""
+    from msaflow.extractors.asr import text_source
+
+    todo = []
+    for job in jobs:
+        tar, fail = out / "clips" / f"{job.key}.tar", out / "failures" / f"{job.key}.json"
+        meta = None
+        if tar.exists() and (meta := _finished_clip(tar)) is None:
+            tally.counts.update(redone=1)
+        if meta is not None:
+            tally.counts.update(resumed=1)
+            tally.kept(job, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"],
+                       text_source(meta), meta.get("notes", []))
+        elif fail.exists():
+            tally.counts.update(resumed=1)
+            tally.failed(json.loads(fail.read_text(encoding="utf-8")))
+        else:
+            todo.append(job)
+    return todo
+
+
+def _extract_clips(todo: list, out: Path, work: Path, cfg: ExtractConfig, device: str, spec: str | None,
+                   tally: _Tally, desc: str, progress: bool) -> dict | None:
+    """Extract the clips left to do in one isolated worker; the front-ends' describe() in features mode."""
+    from tqdm import tqdm
+
+    from msaflow.pipeline.extraction.pool import IsolatedExtractor
+
+    with IsolatedExtractor(cfg, device, cfg.threads, spec, cfg.clip_timeout_s) as worker:
+        bar = tqdm(todo, desc=desc, unit="clip", disable=not progress)
+        for job in bar:
+            _take_result(job, worker.extract(job, work), out, tally, bar)
+        tally.counts["worker_restarts"] = worker.restarts
+        return worker.describe_frontends() if spec is not None else None
+
+
+def _take_result(job, result: dict, out: Path, tally: _Tally, bar) -> None:
+    """Count one clip's result, or record its failure; the machine's faults stop the run."""
+    from msaflow.tario import write_json_atomic
+
+    if "fatal" in result:
+        raise RuntimeError(result["fatal"])
+    if "transient" in result:
+        raise TransientError(f"{result['transient']} (while extracting {job.id}; nothing is recorded "
+                             f"for it: fix this and run again, finished clips are kept)")
+    if result["ok"]:
+        tally.kept(job, result["n_frames"], result["n_face_frames"], result["has_audio"], result["has_text"],
+                   result.get("text_source", "none"), result.get("notes", []))
+        for stage, s in result["seconds"].items():
+            tally.seconds[stage] += s
+        return
+    record = {"id": job.id, "path": job.path, "stage": result["stage"], "reason": result["reason"]}
+    write_json_atomic(out / "failures" / f"{job.key}.json", record)
+    tally.failed(record)
+    bar.write(f"failed: {job.id} ({job.path}): [{record['stage']}] {record['reason']}")
+
+
+def _summary(chunk: str, cfg: ExtractConfig, device: str, tally: _Tally, wall: float) -> dict:
+    from msaflow.extractors.clip import STAGES
+
+    seconds = tally.seconds
+    return {
+        "chunk": chunk, "mode": cfg.mode, "device": device,
+        "counts": {c: int(tally.counts.get(c, 0)) for c in SUMMARY_COUNTS},
+        "seconds": {**{s: round(seconds.get(s, 0.0), 4) for s in STAGES},
+                    **({"features": round(seconds["features"], 4)} if "features" in seconds else {}),
+                    **({"asr": round(seconds["asr"], 4)} if "asr" in seconds else {}),
+                    "wall": round(wall, 4)},
+        "failures": tally.failures,
+        "warnings": tally.warnings,
+        "config": cfg.model_dump(mode="json"),
+    }
 
 
 def print_summary(summary: dict, file=sys.stdout) -> None:

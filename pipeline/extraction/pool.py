@@ -128,7 +128,7 @@ def _build_extractor(cfg_json: str, device: str, threads: int, frontend_spec: st
     import torch
 
     from msaflow.extractors.clip import ClipExtractor
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
 
     if threads > 0:
         torch.set_num_threads(threads)
