@@ -4,7 +4,7 @@
 #   snakemake --cores 2 --configfile config/demo.yaml
 #
 # Every rule calls one `msaflow` command; the steps' knobs live in the config file (validated
-# against pipeline/schemas/workflow.schema.json) and results in results/<run_name>/.
+# against workflow/schemas/config.schema.json) and results in results/<run_name>/.
 # A killed run resumes with the same command plus --rerun-incomplete (docs/workflow.md).
 
 import hashlib
@@ -21,7 +21,7 @@ from msaflow.pipeline.config import WorkflowConfig, canonical_json, extract_conf
 # so the workflow works from a virtual environment that is not activated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
-validate(config, "pipeline/schemas/workflow.schema.json", set_default=False)  # pydantic fills the defaults
+validate(config, "workflow/schemas/config.schema.json", set_default=False)  # pydantic fills the defaults
 CFG = WorkflowConfig.model_validate(config)
 RUN = f"results/{CFG.run_name}"
 N_CHUNKS = CFG.workflow.extract_chunks

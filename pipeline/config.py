@@ -3,7 +3,7 @@
 A workflow YAML has one section per step (`dataset`, `extract`, `shards`; later `train`,
 `evaluate`, `report`) plus `run_name`. Each `msaflow` command reads its own section with
 `--config YAML`; the Snakefile validates the whole file against
-`pipeline/schemas/workflow.schema.json`, which is generated from these models:
+`workflow/schemas/config.schema.json`, which is generated from these models:
 
     python -m msaflow.pipeline.config --write-schema     # after changing any step's model
     python -m msaflow.pipeline.config --check CONFIG.yaml
@@ -27,7 +27,8 @@ from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.datasets.manifest import ManifestConfig
 from msaflow.pipeline.data.shards import ShardsConfig
 
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "workflow.schema.json"
+# The workflow's schema file, in the source tree (an installed msaflow has none: use workflow_schema())
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.json"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
@@ -122,12 +123,15 @@ def load_workflow_config(path: str | Path) -> WorkflowConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="workflow config: JSON schema and validation")
-    parser.add_argument("--write-schema", action="store_true", help=f"regenerate {SCHEMA_PATH.name}")
+    parser.add_argument("--write-schema", action="store_true",
+                        help="regenerate workflow/schemas/config.schema.json (in a source checkout)")
     parser.add_argument("--check", type=Path, metavar="CONFIG", help="validate a workflow YAML")
     args = parser.parse_args(argv)
     if not (args.write_schema or args.check):
         parser.error("nothing to do: give --write-schema and/or --check CONFIG")
     if args.write_schema:
+        if not (SCHEMA_PATH.parents[2] / "Snakefile").is_file():  # installed, not a source checkout
+            parser.error(f"--write-schema writes into a source checkout; {SCHEMA_PATH.parents[2]} is not one")
         SCHEMA_PATH.parent.mkdir(parents=True, exist_ok=True)
         SCHEMA_PATH.write_text(schema_text(), encoding="utf-8")
         print(f"wrote {SCHEMA_PATH}")
