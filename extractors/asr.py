@@ -109,7 +109,7 @@ class Recogniser:
         self.cfg = cfg
 
     def describe(self) -> dict:
-        from msaflow.extractors.frontends import file_sha256, portable_name
+        from msaflow.extractors.frontend_base import file_sha256, portable_name
 
         return {"recogniser": self.name, "weights": portable_name(self.weights_path),
                 "sha256": file_sha256(self.weights_path)}
@@ -191,7 +191,7 @@ class WhisperTinyEn(Recogniser):
 
     @classmethod
     def check(cls, cfg: AsrConfig) -> dict:
-        from msaflow.extractors.frontends import file_sha256, portable_name
+        from msaflow.extractors.frontend_base import file_sha256, portable_name
 
         if importlib.util.find_spec("faster_whisper") is None:
             raise AsrUnavailable(f"speech recognition {cls.name!r} needs faster-whisper, which is not installed; "

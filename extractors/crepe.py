@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msaflow.extractors.frontends import FrontEnd, register
+from msaflow.extractors.frontend_base import FrontEnd, register
 
 SAMPLE_RATE = 16_000
 HOP = 160  # 10 ms: the fbank grid

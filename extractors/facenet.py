@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from msaflow.extractors.frontends import FrontEnd, register
+from msaflow.extractors.frontend_base import FrontEnd, register
 
 WEIGHTS_FILE = "20180402-114759-vggface2.pt"
 WEIGHTS_URL = f"https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/{WEIGHTS_FILE}"

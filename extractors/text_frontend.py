@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msaflow.extractors.frontends import FrontEnd, register
+from msaflow.extractors.frontend_base import FrontEnd, register
 from msaflow.extractors.text import load_text_encoder, text_model_path
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
