@@ -8,15 +8,11 @@ in registry order, whose `detect` accepts the dataset; `folder` accepts anything
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from msaflow.datasets.base import DatasetAdapter
+from msaflow.datasets.base import DatasetAdapter, ReadOptions
 from msaflow.datasets.folder import FolderAdapter
 from msaflow.datasets.mmsa_raw import MmsaRawAdapter
 from msaflow.datasets.segments import SegmentsAdapter
-
-if TYPE_CHECKING:
-    from msaflow.datasets.manifest import ManifestConfig
 
 ADAPTERS: dict[str, type[DatasetAdapter]] = {
     MmsaRawAdapter.name: MmsaRawAdapter,
@@ -25,7 +21,7 @@ ADAPTERS: dict[str, type[DatasetAdapter]] = {
 }
 
 
-def select_adapter(root: Path, cfg: ManifestConfig) -> DatasetAdapter:
+def select_adapter(root: Path, cfg: ReadOptions) -> DatasetAdapter:
     """The adapter named by `cfg.format`, or for `auto` the first that recognises the dataset."""
     if cfg.format != "auto":
         return ADAPTERS[cfg.format]()

@@ -13,12 +13,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from msaflow.datasets.manifest import ManifestConfig
+from msaflow.contract import SPLITS
 
-SPLITS = ("train", "valid", "test")
 # Other names datasets use for the same splits (compared lower-cased, stripped).
 SPLIT_ALIASES = {"val": "valid", "validation": "valid", "dev": "valid", "training": "train",
                  "testing": "test"}
@@ -86,15 +84,32 @@ class ClipRecord:
         return f"{self.video_id}/{self.clip_id}"
 
 
+class ReadOptions(Protocol):
+    """What adapters read of the manifest options (`manifest.ManifestConfig` has these and more):
+    adapters depend on this, not on the manifest module, which imports them."""
+
+    @property
+    def format(self) -> str: ...
+
+    @property
+    def labels(self) -> str | None: ...
+
+    @property
+    def label_range(self) -> tuple[float, float]: ...
+
+    @property
+    def video_extensions(self) -> tuple[str, ...]: ...
+
+
 class DatasetAdapter(Protocol):
     """A dataset format: recognises its layout and reads it into clip records."""
 
     name: ClassVar[str]
 
-    def detect(self, root: Path, cfg: ManifestConfig) -> bool:
+    def detect(self, root: Path, cfg: ReadOptions) -> bool:
         """True when `root` looks like this format (used by `--format auto`)."""
 
-    def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
+    def read(self, root: Path, cfg: ReadOptions, problems: Problems) -> list[ClipRecord]:
         """Every valid clip; each invalid row is reported to `problems` and left out."""
 
 
@@ -241,7 +256,7 @@ def parse_times(start: str, end: str, file: Path, row: int, problems: Problems,
     return t0, t1
 
 
-def read_row_fields(values: dict[str, str], cfg: ManifestConfig, file: Path, row: int,
+def read_row_fields(values: dict[str, str], cfg: ReadOptions, file: Path, row: int,
                     problems: Problems, split_column: str) -> dict | None:
     """Text, labels and split of one CSV row (absent columns = empty); None if any is invalid."""
     before = len(problems)

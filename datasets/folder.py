@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, read_csv_table,
+from msaflow.datasets.base import (ClipRecord, Problems, ReadOptions, VideoIndex, read_csv_table,
                                    read_row_fields, resolve_inside)
-
-if TYPE_CHECKING:
-    from msaflow.datasets.manifest import ManifestConfig
 
 WHOLE_FILE_CLIP_ID = "whole"
 
@@ -46,15 +42,15 @@ class FolderAdapter:
     default_csvs = ("labels.csv", "label.csv")  # the first that exists in the root
     columns = {"file", "video_id", "text", "label", "split", "label_T", "label_A", "label_V"}
 
-    def csv_path(self, root: Path, cfg: ManifestConfig) -> Path | None:
+    def csv_path(self, root: Path, cfg: ReadOptions) -> Path | None:
         if cfg.labels:
             return Path(cfg.labels)
         return next((root / name for name in self.default_csvs if (root / name).is_file()), None)
 
-    def detect(self, root: Path, cfg: ManifestConfig) -> bool:
+    def detect(self, root: Path, cfg: ReadOptions) -> bool:
         return True  # any folder is a folder of videos: the fallback format
 
-    def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
+    def read(self, root: Path, cfg: ReadOptions, problems: Problems) -> list[ClipRecord]:
         videos = VideoIndex(cfg.video_extensions)
         paths = scan_videos(root, videos, problems)
         by_video_id: dict[str, list[Path]] = {}
@@ -72,7 +68,7 @@ class FolderAdapter:
             self._apply_csv(root, csv_path, cfg, records, by_video_id, problems)
         return list(records.values())
 
-    def _apply_csv(self, root: Path, csv_path: Path, cfg: ManifestConfig,
+    def _apply_csv(self, root: Path, csv_path: Path, cfg: ReadOptions,
                    records: dict[Path, ClipRecord], by_video_id: dict[str, list[Path]],
                    problems: Problems) -> None:
         if not csv_path.is_file():

@@ -18,11 +18,12 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from msaflow.configfile import load_yaml, read_section
+from msaflow.contract import SPLITS
 from msaflow.datasets.adapters import ADAPTERS, select_adapter
-from msaflow.datasets.base import SPLITS, ClipRecord, ManifestError, Problems
+from msaflow.datasets.base import ClipRecord, ManifestError, Problems
 from msaflow.tario import atomic_path
 
 MANIFEST_COLUMNS = ["id", "video_id", "clip_id", "path", "start", "end", "text", "label", "split",
@@ -87,12 +88,11 @@ class ManifestConfig(BaseModel):
 
 def load_config(path: str | Path) -> tuple[ManifestConfig, str | None]:
     """(options, dataset root or None) from a YAML that holds the options (and optionally
-    `root`) at the top level, or a workflow config whose `dataset:` section holds them."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    section = data.get("dataset", data) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: expected a mapping of manifest options")
-    section = dict(section)
+    `root`) at the top level, or a workflow config whose `dataset:` section holds them.
+    ValueError naming the file when it is not YAML or not a mapping; ValidationError for
+    options that are not valid."""
+    data = load_yaml(path)
+    section = dict(read_section(path, "dataset") if "dataset" in data else data)
     root = section.pop("root", None)
     return ManifestConfig.model_validate(section), root
 
@@ -238,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ManifestConfig, str | No
 def main(args: argparse.Namespace) -> int:
     try:
         cfg, root = config_from_args(args)
-    except (ValidationError, ValueError, OSError, yaml.YAMLError) as exc:
+    except (ValidationError, ValueError) as exc:
         print(f"msaflow manifest: invalid config {args.config}: {exc}", file=sys.stderr)
         return 2
     if root is None:

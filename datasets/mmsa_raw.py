@@ -6,15 +6,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, check_name, peek_header,
+from msaflow.datasets.base import (ClipRecord, Problems, ReadOptions, VideoIndex, check_name, peek_header,
                                    read_layout_csv, read_row_fields)
-
-if TYPE_CHECKING:
-    from msaflow.datasets.manifest import ManifestConfig
 
 
 class MmsaRawAdapter:
@@ -25,14 +21,14 @@ class MmsaRawAdapter:
                "annotation", "mode"}
     required = {"video_id", "clip_id"}
 
-    def csv_path(self, root: Path, cfg: ManifestConfig) -> Path:
+    def csv_path(self, root: Path, cfg: ReadOptions) -> Path:
         return Path(cfg.labels) if cfg.labels else root / self.default_csv
 
-    def detect(self, root: Path, cfg: ManifestConfig) -> bool:
+    def detect(self, root: Path, cfg: ReadOptions) -> bool:
         csv_path = self.csv_path(root, cfg)
         return (root / self.media_dir).is_dir() and csv_path.is_file() and "clip_id" in peek_header(csv_path)
 
-    def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
+    def read(self, root: Path, cfg: ReadOptions, problems: Problems) -> list[ClipRecord]:
         csv_path = self.csv_path(root, cfg)
         table = read_layout_csv(csv_path, self.name, self.columns, self.required, problems)
         if table is None:

@@ -6,15 +6,11 @@ given, else `<root>/<video_id>.<video ext>`. Clips are cut while decoding, never
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from msaflow.datasets.base import (ClipRecord, Problems, VideoIndex, check_name, parse_times,
+from msaflow.datasets.base import (ClipRecord, Problems, ReadOptions, VideoIndex, check_name, parse_times,
                                    peek_header, read_layout_csv, read_row_fields, resolve_inside)
-
-if TYPE_CHECKING:
-    from msaflow.datasets.manifest import ManifestConfig
 
 
 def segment_clip_id(start: float, end: float) -> str:
@@ -29,14 +25,14 @@ class SegmentsAdapter:
                "label_T", "label_A", "label_V"}
     required = {"video_id", "start", "end"}
 
-    def csv_path(self, root: Path, cfg: ManifestConfig) -> Path:
+    def csv_path(self, root: Path, cfg: ReadOptions) -> Path:
         return Path(cfg.labels) if cfg.labels else root / self.default_csv
 
-    def detect(self, root: Path, cfg: ManifestConfig) -> bool:
+    def detect(self, root: Path, cfg: ReadOptions) -> bool:
         csv_path = self.csv_path(root, cfg)
         return csv_path.is_file() and {"start", "end"} <= peek_header(csv_path)
 
-    def read(self, root: Path, cfg: ManifestConfig, problems: Problems) -> list[ClipRecord]:
+    def read(self, root: Path, cfg: ReadOptions, problems: Problems) -> list[ClipRecord]:
         csv_path = self.csv_path(root, cfg)
         table = read_layout_csv(csv_path, self.name, self.columns, self.required, problems)
         if table is None:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from msaflow import __version__
 from msaflow.configfile import read_section
-from msaflow.datasets.base import SPLITS
+from msaflow.contract import SPLITS
 from msaflow.extractors.audio import STEPS_PER_SECOND
 from msaflow.extractors.asr import text_source
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, read_manifest, sanitize_key
