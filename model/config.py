@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-MODALITIES = ("text", "audio", "vision")
+from msaflow.contract import MODALITIES, UNK_ID
 
 
 @dataclass
 class ModelConfig:
     # which modalities the model reads (any non-empty subset of MODALITIES, in that order)
-    modalities: tuple[str, ...] = ("text", "audio", "vision")
+    modalities: tuple[str, ...] = MODALITIES
     # input feature widths; d_text None = read from the text encoder's config
     d_text: int | None = None
     d_audio: int = 5
@@ -26,7 +26,7 @@ class ModelConfig:
     # text encoder: "minilm" (packaged all-MiniLM-L6-v2) or a local Hugging Face folder
     text_model: str = "minilm"
     freeze_text: bool = False
-    unk_id: int = 100  # [UNK] in the uncased BERT WordPiece vocabulary
+    unk_id: int = UNK_ID  # [UNK] in the uncased BERT WordPiece vocabulary
     # audio / vision LSTM encoders: hidden size, then a linear layer to the output size
     audio_lstm_hidden: int = 32
     audio_out: int = 16
@@ -64,11 +64,18 @@ class ModelConfig:
         self.modalities = tuple(m for m in MODALITIES if m in self.modalities)
 
     def input_dim(self, modality: str) -> int:
+        """Input feature width of `modality`; text without `d_text` reads the encoder's config
+        (the config itself is left as it is: `with_text_width` gives one with the width filled in)."""
         if modality == "text":
-            if self.d_text is None:
-                self.d_text = text_width(self.text_model)
-            return self.d_text
+            return self.d_text if self.d_text is not None else text_width(self.text_model)
         return {"audio": self.d_audio, "vision": self.d_vision}[modality]
+
+    def with_text_width(self) -> "ModelConfig":
+        """A copy with `d_text` read from the text encoder when unset and text is read, so that a run
+        records the width it was built with; the config itself unchanged."""
+        if self.d_text is not None or "text" not in self.modalities:
+            return replace(self)
+        return replace(self, d_text=text_width(self.text_model))
 
     def utterance_dim(self, modality: str) -> int:
         """Width of a modality's unprojected utterance vector (what the head reads)."""

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_fn
 
+from msaflow.contract import UNK_ID
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.model.registry import MSAModel, build_model, register
 
@@ -353,7 +354,7 @@ class EndToEnd(MSAModel):
 
     @property
     def unk_id(self) -> int:
-        return int(getattr(getattr(self.fusion, "cfg", None), "unk_id", 100))
+        return int(getattr(getattr(self.fusion, "cfg", None), "unk_id", UNK_ID))
 
     def _is_features(self, batch: dict) -> bool:
         return all(m in batch for m in self.frontends)
@@ -380,7 +381,7 @@ def _step_proxy(batch: dict, modality: str) -> torch.Tensor:
     return batch[present_key].unsqueeze(-1)
 
 
-def simulate_missing_raw(batch: dict, rate: float, *, modalities: list[str], unk_id: int = 100,
+def simulate_missing_raw(batch: dict, rate: float, *, modalities: list[str], unk_id: int = UNK_ID,
                          generator: torch.Generator | None = None, seed: int | None = None) -> dict:
     """The missing-feature simulation of `msaflow.model.missing` for a raw batch.
 

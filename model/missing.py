@@ -28,9 +28,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from msaflow.contract import MODALITIES, SEQUENCE_MODALITIES, UNK_ID
+
 # per-modality seed offsets of the released code (text/audio/vision)
 MODALITY_SEEDS = {"text": 111, "audio": 1111, "vision": 11111}
-SEQUENCE_MODALITIES = ("audio", "vision")
 
 
 def valid_positions(batch: dict, modality: str) -> torch.Tensor:
@@ -50,7 +51,7 @@ def _width(batch: dict, modality: str) -> int:
 
 
 def present_modalities(batch: dict) -> list[str]:
-    return [m for m in ("text", "audio", "vision") if (f"{m}_ids" if m == "text" else m) in batch]
+    return [m for m in MODALITIES if (f"{m}_ids" if m == "text" else m) in batch]
 
 
 def sample_uniforms(ids: list[str], width: int, seed: int, modality: str) -> torch.Tensor:
@@ -118,12 +119,12 @@ def apply_drop(batch: dict, masks: dict[str, torch.Tensor], unk_id: int) -> dict
     return out
 
 
-def simulate_missing(batch: dict, rate: Rate, *, unk_id: int = 100, generator: torch.Generator | None = None,
+def simulate_missing(batch: dict, rate: Rate, *, unk_id: int = UNK_ID, generator: torch.Generator | None = None,
                      seed: int | None = None) -> dict:
     return apply_drop(batch, drop_masks(batch, rate, generator=generator, seed=seed), unk_id)
 
 
-def add_noise(batch: dict, level: float, *, unk_id: int = 100, generator: torch.Generator | None = None,
+def add_noise(batch: dict, level: float, *, unk_id: int = UNK_ID, generator: torch.Generator | None = None,
               seed: int | None = None) -> dict:
     if level < 0:
         raise ValueError(f"noise level must be >= 0, got {level}")

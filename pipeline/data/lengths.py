@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from msaflow.contract import MODALITIES
+
 WAV_HOP = 160  # waveform samples per 10-ms fbank step at 16 kHz
 
 # member groups that share one time axis, per modality and mode: (first member, members cut alike)
@@ -93,7 +95,7 @@ def control_sample(arrays: dict[str, np.ndarray], mode: str, cfg: LengthConfig,
                    rates: dict[str, float | None]) -> dict[str, np.ndarray]:
     """One sample's members (name -> array) with every modality capped; pure, inputs untouched."""
     out = dict(arrays)
-    for modality in ("text", "audio", "vision"):
+    for modality in MODALITIES:
         members = [m for m in ALIGNED_MEMBERS[(modality, mode)] if m in out]
         if not members:
             continue

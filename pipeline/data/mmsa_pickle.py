@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SPLITS = ("train", "valid", "test")
-SEQUENCE_MODALITIES = ("audio", "vision")
+from msaflow.contract import MODALITIES, SEQUENCE_MODALITIES, SPLITS
+
 LABEL_KEYS = {"label": "regression_labels", "label_T": "regression_labels_T",
               "label_A": "regression_labels_A", "label_V": "regression_labels_V"}
 
@@ -47,7 +47,7 @@ class Split:
 
     @property
     def modalities(self) -> list[str]:
-        return [m for m in ("text", "audio", "vision") if (f"{m}_ids" if m == "text" else m) in self.tensors]
+        return [m for m in MODALITIES if (f"{m}_ids" if m == "text" else m) in self.tensors]
 
     def batch(self, index: torch.Tensor | list[int]) -> dict:
         index = torch.as_tensor(index, dtype=torch.long)

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from msaflow.contract import SEQUENCE_MODALITIES, SPLITS
 from msaflow.pipeline.data.lengths import LengthConfig, control_padded, control_sample
 from msaflow.pipeline.data.loader import ShardError, ShardLocation, SplitIndex, make_loader, shard_location
-from msaflow.pipeline.data.mmsa_pickle import SPLITS, Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
+from msaflow.pipeline.data.mmsa_pickle import Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
 
-NORMALISED = ("audio", "vision")
+NORMALISED = SEQUENCE_MODALITIES  # z-scored per feature; text is token ids
 NORMALISER_FILE = "normaliser.json"
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 EVAL_BATCH = 64
