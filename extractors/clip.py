@@ -101,6 +101,85 @@ def _segment(job: ClipJob, info: video.VideoInfo | None, audio_end: float | None
     return start, end, note
 
 
+@dataclass
+class _Checks:
+    """The ffprobe checks that run in child processes beside a clip's extraction (extractors/video.py)."""
+
+    tail: video.TailCheck | None = None  # the file's end: cut short or damaged?
+    segment: video.SegmentCheck | None = None  # the clip's segment of the video stream
+
+    def damage(self, timer: StageTimer) -> str | None:
+        """Waits for both: DecodeError for a file cut short (a failure); why the clip's video is
+        damaged, or None."""
+        if self.tail is not None:
+            with timer("verify"):
+                self.tail.result()
+        if self.segment is None:
+            return None
+        with timer("verify"):
+            return self.segment.reason()
+
+    def raise_if_cut_short(self) -> None:
+        if self.tail is not None:
+            self.tail.result()
+
+    def cancel(self) -> None:
+        for check in (self.tail, self.segment):
+            if check is not None:
+                check.cancel()
+
+
+def _open_video(path: str, cfg) -> tuple:
+    """(reader, VideoInfo, None), (None, None, None) without a video stream, or (None, None, the
+    DecodeError) when the video alone is unusable (the audio, if any, is kept)."""
+    try:
+        reader, info = video.open_video(path, cfg.max_decode_side, cfg.max_duration_ratio)
+    except DecodeError as exc:
+        if exc.stream != "video":
+            raise
+        return None, None, exc
+    return reader, info, None
+
+
+def _decode_audio(job: ClipJob, info: video.VideoInfo | None) -> tuple:
+    """(audio track or None, None), or (None, the DecodeError) when the audio alone is unusable."""
+    try:
+        return audio.decode_audio_segment(job.path, info.begin_s if info is not None else None,
+                                          job.start or 0.0, job.end), None
+    except DecodeError as exc:
+        if exc.stream != "audio":
+            raise
+        return None, exc
+
+
+def _check_usable(info: video.VideoInfo | None, track, video_error: DecodeError | None,
+                  audio_error: DecodeError | None) -> None:
+    """DecodeError when neither stream is left to keep."""
+    if info is None and video_error is not None and track is not None and track.n_real == 0:
+        raise video_error  # the video is unusable and the audio holds nothing in the segment
+    if info is None and track is None:
+        if video_error is not None and audio_error is not None:
+            raise DecodeError(video_error.stage, f"{video_error.reason}; and {audio_error.reason}")
+        if video_error is not None or audio_error is not None:
+            raise video_error or audio_error
+        raise DecodeError("open", "the file has neither a video nor an audio stream")
+
+
+def _clip_audio(track, duration: float) -> tuple[np.ndarray | None, int]:
+    """(the segment's int16 samples, or None without audio; samples of silence before the audio starts)."""
+    if track is None:
+        return None, 0
+    wav = track.wav[: int(round(duration * audio.SAMPLE_RATE))]
+    return wav, min(track.lead, len(wav))
+
+
+def _hold_still_picture(info: video.VideoInfo, end: float) -> video.VideoInfo:
+    """A still picture over audio stays on screen to the end of the clip, as a player shows it."""
+    if info.n_source_frames == 1 and end > info.duration_s:
+        return dataclasses.replace(info, frame_ends=np.array([end], np.float64))
+    return info
+
+
 class _NpyFrameWriter:
     """A uint8 .npy of `n` frames written front to back: `writer[positions] = frames` with
     ascending positions; frames never given are zeros. Plain writes, so the crops of a long
@@ -149,99 +228,13 @@ class ClipExtractor:
     def extract(self, job: ClipJob, out_dir: Path) -> dict:
         """Write `out_dir/clips/<key>.tar`; return the clip's counts and seconds per stage.
         Raises DecodeError (with its stage) when the clip cannot be extracted."""
-        cfg, timer = self.cfg, StageTimer()
+        timer, checks = StageTimer(), _Checks()
         scratch = out_dir / "tmp" / job.key
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        tail_check = segment_check = None
-        notes: list[dict] = []  # what was wrong and dropped or changed (counted in the chunk summary)
         try:
-            with timer("decode"):
-                reader, info, video_error, audio_error = None, None, None, None
-                try:
-                    reader, info = video.open_video(job.path, cfg.max_decode_side, cfg.max_duration_ratio)
-                except DecodeError as exc:
-                    if exc.stream != "video":
-                        raise
-                    video_error = exc  # the video alone is unusable: keep the audio, if any
-                tail_check = video.TailCheck(job.path, info) if info is not None else None  # runs meanwhile
-                start0 = job.start or 0.0
-                try:
-                    track = audio.decode_audio_segment(job.path, info.begin_s if info is not None else None,
-                                                       start0, job.end)
-                except DecodeError as exc:
-                    if exc.stream != "audio":
-                        raise
-                    track, audio_error = None, exc  # the audio alone is unusable: keep the video
-            if info is None and video_error is not None and track is not None and track.n_real == 0:
-                raise video_error  # the video is unusable and the audio holds nothing in the segment
-            if info is None and track is None:
-                if video_error is not None and audio_error is not None:
-                    raise DecodeError(video_error.stage, f"{video_error.reason}; and {audio_error.reason}")
-                if video_error is not None or audio_error is not None:
-                    raise video_error or audio_error
-                raise DecodeError("open", "the file has neither a video nor an audio stream")
-            for kind, error in (("video_unusable", video_error), ("audio_unusable", audio_error)):
-                if error is not None:
-                    notes.append({"kind": kind, "reason": error.reason})
-            audio_end = start0 + len(track.wav) / audio.SAMPLE_RATE if track is not None else None
-            start, end, clamped = _segment(job, info, audio_end, cfg.max_duration_ratio)
-            if clamped is not None:
-                notes.append(clamped)
-            duration = end - start
-            n_frames = video.n_output_frames(duration, cfg.fps)
-            wav, lead = None, 0
-            if track is not None:
-                wav = track.wav[: int(round(duration * audio.SAMPLE_RATE))]
-                lead = min(track.lead, len(wav))
-            if info is not None:
-                segment_check = video.SegmentCheck(job.path, info, start, end)  # runs meanwhile
-                if info.n_source_frames == 1 and end > info.duration_s:
-                    # a still picture over audio stays on screen to the end, as a player shows it
-                    info = dataclasses.replace(info, frame_ends=np.array([end], np.float64))
-            damaged = None
-            try:
-                faces, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
-            except DecodeError as exc:  # decord failed on the frames: the video alone is unusable
-                if exc.stream != "video":
-                    raise
-                damaged, faces = exc.reason, scratch / "face.npy"
-            if tail_check is not None:
-                with timer("verify"):
-                    tail_check.result()  # a file cut short: a failure
-            if segment_check is not None:
-                with timer("verify"):
-                    damaged = segment_check.reason() or damaged
-            if damaged is not None:
-                if wav is None or len(wav) <= lead:
-                    raise DecodeError("decode_video", damaged)
-                notes.append({"kind": "video_unusable", "reason": damaged})
-                faces, vision_mask = self._no_faces(n_frames, faces), np.zeros(n_frames, bool)
-            with timer("fbank"):
-                n_steps = audio.fbank_steps(duration)
-                fbank, audio_mask = audio.log_mel_fbank(wav, n_steps, cfg.n_mels, first_sample=lead)
-            text, source, recognised = self._transcript(job, wav, lead, timer)
-            with timer("text"):
-                from msaflow.extractors.text import tokenize
-
-                text_ids = np.asarray(tokenize(text, cfg.text_max_len, cfg.text_model), np.int64)
-            meta = {
-                "id": job.id, "video_id": job.video_id, "clip_id": job.clip_id, "text": text,
-                "label": job.label, "label_T": job.label_T, "label_A": job.label_A, "label_V": job.label_V,
-                "split": job.split, "start": start, "end": end, "duration": duration, "fps": cfg.fps,
-                "sample_rate": audio.SAMPLE_RATE, "n_frames": n_frames,
-                "n_face_frames": int(vision_mask.sum()), "has_audio": wav is not None and len(wav) > lead,
-                "has_text": bool(text.strip()), "text_source": source, "mode": "raw", "notes": notes,
-            }
-            if recognised is not None:
-                meta["asr"] = recognised
-                if source == "recognised" and job.text != text:
-                    meta["given_text"] = job.text  # the manifest's (shards compare it with the manifest)
-            members = {
-                "json": meta, "face.npy": faces, "vision_mask.npy": vision_mask,
-                "wav.npy": wav if wav is not None else np.zeros(0, np.int16),
-                "fbank.npy": fbank, "audio_mask.npy": audio_mask, "text_ids.npy": text_ids,
-            }
+            members = self._raw_members(job, scratch, timer, checks)
+            meta = members["json"]
             if self.frontends is not None:
                 with timer("features"):
                     from msaflow.extractors.frontends import raw_to_features
@@ -252,18 +245,89 @@ class ClipExtractor:
 
                 write_sample_tar(out_dir / "clips" / f"{job.key}.tar", job.key, members)
         except DecodeError:
-            if tail_check is not None:  # a file cut short: report that cause, whatever decord tripped on
-                tail_check.result()
+            checks.raise_if_cut_short()  # a file cut short: report that cause, whatever decord tripped on
             raise
         finally:
-            for check in (tail_check, segment_check):
-                if check is not None:
-                    check.cancel()  # a no-op once its result was read
+            checks.cancel()  # a no-op once a check's result was read
             shutil.rmtree(scratch, ignore_errors=True)
-        return {"key": job.key, "n_frames": n_frames, "n_face_frames": meta["n_face_frames"],
+        return {"key": job.key, "n_frames": meta["n_frames"], "n_face_frames": meta["n_face_frames"],
                 "has_audio": meta["has_audio"], "has_text": meta["has_text"], "text_source": meta["text_source"],
-                "notes": notes,
+                "notes": meta["notes"],
                 "seconds": dict(timer.seconds)}
+
+    def _raw_members(self, job: ClipJob, scratch: Path, timer: StageTimer, checks: _Checks) -> dict:
+        """The clip's raw-mode members (docs/data-contracts.md §3), its json under "json"."""
+        cfg = self.cfg
+        reader, info, track, notes = self._decode_streams(job, timer, checks)
+        audio_end = (job.start or 0.0) + len(track.wav) / audio.SAMPLE_RATE if track is not None else None
+        start, end, clamped = _segment(job, info, audio_end, cfg.max_duration_ratio)
+        if clamped is not None:
+            notes.append(clamped)
+        duration = end - start
+        n_frames = video.n_output_frames(duration, cfg.fps)
+        wav, lead = _clip_audio(track, duration)
+        if info is not None:
+            checks.segment = video.SegmentCheck(job.path, info, start, end)  # runs meanwhile
+            info = _hold_still_picture(info, end)
+        faces, vision_mask = self._checked_faces(reader, info, start, n_frames, wav, lead, scratch, timer, checks,
+                                                 notes)
+        with timer("fbank"):
+            fbank, audio_mask = audio.log_mel_fbank(wav, audio.fbank_steps(duration), cfg.n_mels, first_sample=lead)
+        text, source, recognised = self._transcript(job, wav, lead, timer)
+        with timer("text"):
+            from msaflow.extractors.text import tokenize
+
+            text_ids = np.asarray(tokenize(text, cfg.text_max_len, cfg.text_model), np.int64)
+        meta = {
+            "id": job.id, "video_id": job.video_id, "clip_id": job.clip_id, "text": text,
+            "label": job.label, "label_T": job.label_T, "label_A": job.label_A, "label_V": job.label_V,
+            "split": job.split, "start": start, "end": end, "duration": duration, "fps": cfg.fps,
+            "sample_rate": audio.SAMPLE_RATE, "n_frames": n_frames,
+            "n_face_frames": int(vision_mask.sum()), "has_audio": wav is not None and len(wav) > lead,
+            "has_text": bool(text.strip()), "text_source": source, "mode": "raw", "notes": notes,
+        }
+        if recognised is not None:
+            meta["asr"] = recognised
+            if source == "recognised" and job.text != text:
+                meta["given_text"] = job.text  # the manifest's (shards compare it with the manifest)
+        return {
+            "json": meta, "face.npy": faces, "vision_mask.npy": vision_mask,
+            "wav.npy": wav if wav is not None else np.zeros(0, np.int16),
+            "fbank.npy": fbank, "audio_mask.npy": audio_mask, "text_ids.npy": text_ids,
+        }
+
+    def _decode_streams(self, job: ClipJob, timer: StageTimer, checks: _Checks):
+        """(video reader, VideoInfo, audio track, notes): either stream None when the file has none or
+        it alone is unusable (a note says why); DecodeError when nothing usable is left. Starts the
+        truncation check."""
+        with timer("decode"):
+            reader, info, video_error = _open_video(job.path, self.cfg)
+            checks.tail = video.TailCheck(job.path, info) if info is not None else None  # runs meanwhile
+            track, audio_error = _decode_audio(job, info)
+        _check_usable(info, track, video_error, audio_error)
+        notes = [{"kind": kind, "reason": error.reason}  # what was dropped (counted in the chunk summary)
+                 for kind, error in (("video_unusable", video_error), ("audio_unusable", audio_error))
+                 if error is not None]
+        return reader, info, track, notes
+
+    def _checked_faces(self, reader, info, start: float, n_frames: int, wav, lead: int, scratch: Path,
+                       timer: StageTimer, checks: _Checks, notes: list[dict]):
+        """`_faces`, unless decord failed on the frames or ffprobe found the clip's video damaged: then
+        no faces and a `video_unusable` note, or DecodeError when the clip has no audio either."""
+        damaged = None
+        try:
+            faces, vision_mask = self._faces(reader, info, start, n_frames, scratch, timer)
+        except DecodeError as exc:  # decord failed on the frames: the video alone is unusable
+            if exc.stream != "video":
+                raise
+            damaged, faces = exc.reason, scratch / "face.npy"
+        damaged = checks.damage(timer) or damaged
+        if damaged is not None:
+            if wav is None or len(wav) <= lead:
+                raise DecodeError("decode_video", damaged)
+            notes.append({"kind": "video_unusable", "reason": damaged})
+            faces, vision_mask = self._no_faces(n_frames, faces), np.zeros(n_frames, bool)
+        return faces, vision_mask
 
     def _transcript(self, job: ClipJob, wav, lead: int, timer: StageTimer) -> tuple[str, str, dict | None]:
         """(text, its source: given / recognised / none, the recogniser's json entry or None).

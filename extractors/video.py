@@ -309,38 +309,55 @@ def open_video(path: str | Path, max_side: int | None = None, max_duration_ratio
     import decord
 
     path = Path(path)
-    if not path.is_file():
-        raise DecodeError("open", "file not found")
-    if path.stat().st_size == 0:
-        raise DecodeError("open", "empty file (0 bytes)")
+    _check_file(path)
     probe = probe_streams(path)
     if probe is not None and probe.video is None:
         return None, None  # no video stream, or only a cover picture: an audio file
     begin = _stream_begin(path)
     if begin is None:
         return None, None
-    stored = None
-    if probe is not None and probe.video["width"] and probe.video["height"]:
-        w, h = probe.video["width"], probe.video["height"]
-        stored = (h, w) if abs(probe.video["rotation"]) % 180 == 90 else (w, h)  # as displayed
-        if min(stored) < MIN_VIDEO_SIDE:
-            raise DecodeError("decode_video", f"the video is {stored[0]}x{stored[1]} pixels: too small to find a "
-                                              f"face in (at least {MIN_VIDEO_SIDE} pixels a side needed)",
-                              stream="video")
+    stored = _stored_size(probe)
     size = decode_size(*stored, max_side) if stored is not None else None
+    reader, size, n, stamps, (width, height) = _decoded_stream(decord, path, size)
+    if max_duration_ratio is not None:
+        _check_timestamps(stamps, max_duration_ratio)
+    source = stored if stored is not None and size is not None else (0, 0)
+    info = VideoInfo(width=int(width), height=int(height), n_source_frames=n, begin_s=begin,
+                     frame_starts=stamps[:, 0], frame_ends=stamps[:, 1],
+                     source_width=source[0], source_height=source[1])
+    return reader, info
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise DecodeError("open", "file not found")
+    if path.stat().st_size == 0:
+        raise DecodeError("open", "empty file (0 bytes)")
+
+
+def _stored_size(probe: StreamProbe | None) -> tuple[int, int] | None:
+    """(width, height) of the video stream as displayed (rotation applied), None when ffprobe does not
+    say; DecodeError when it is too small to find a face in."""
+    if probe is None or not (probe.video["width"] and probe.video["height"]):
+        return None
+    w, h = probe.video["width"], probe.video["height"]
+    stored = (h, w) if abs(probe.video["rotation"]) % 180 == 90 else (w, h)
+    if min(stored) < MIN_VIDEO_SIDE:
+        raise DecodeError("decode_video", f"the video is {stored[0]}x{stored[1]} pixels: too small to find a "
+                                          f"face in (at least {MIN_VIDEO_SIDE} pixels a side needed)",
+                          stream="video")
+    return stored
+
+
+def _decoded_stream(decord, path: Path, size: tuple[int, int] | None):
+    """(reader, the size it decodes at (None: the stream's own), frame count, timestamps (n, 2) in
+    seconds, (width, height) of its frames); DecodeError with stream "video" when decord cannot
+    decode the stream or it has no frames."""
     try:
         reader, first = _reader(decord, path, size)
         n = len(reader)
         if first is not None and first.shape[2] != 3:
-            # decord returns mis-shaped pictures at some frame sizes (96x96, 144x144, ...):
-            # decoding through its scaler at a size 2 px larger gives proper RGB
-            height, width = first.shape[:2]
-            size = size or (width, height)
-            size = (size[0] + 2, int(round(size[1] * (size[0] + 2) / size[0] / 2)) * 2)
-            reader, first = _reader(decord, path, size)
-            if first.shape[2] != 3:
-                raise DecodeError("decode_video", f"frames of {width}x{height} pixels cannot be decoded to RGB; "
-                                                  f"re-encode the video at another size", stream="video")
+            reader, first, size = _reader_through_scaler(decord, path, size, first)
         stamps = reader.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))
         height, width = first.shape[:2] if n else (0, 0)
         reader.seek(0)
@@ -351,14 +368,20 @@ def open_video(path: str | Path, max_side: int | None = None, max_duration_ratio
                           stream="video") from exc
     if n == 0:
         raise DecodeError("decode_video", "the video stream has no frames", stream="video")
-    stamps = np.asarray(stamps, dtype=np.float64)
-    if max_duration_ratio is not None:
-        _check_timestamps(stamps, max_duration_ratio)
-    source = stored if stored is not None and size is not None else (0, 0)
-    info = VideoInfo(width=int(width), height=int(height), n_source_frames=n, begin_s=begin,
-                     frame_starts=stamps[:, 0], frame_ends=stamps[:, 1],
-                     source_width=source[0], source_height=source[1])
-    return reader, info
+    return reader, size, n, np.asarray(stamps, dtype=np.float64), (width, height)
+
+
+def _reader_through_scaler(decord, path: Path, size: tuple[int, int] | None, first: np.ndarray):
+    """decord returns mis-shaped pictures at some frame sizes (96x96, 144x144, ...): decoding
+    through its scaler at a size 2 px larger gives proper RGB. (reader, first frame, that size)."""
+    height, width = first.shape[:2]
+    size = size or (width, height)
+    size = (size[0] + 2, int(round(size[1] * (size[0] + 2) / size[0] / 2)) * 2)
+    reader, first = _reader(decord, path, size)
+    if first.shape[2] != 3:
+        raise DecodeError("decode_video", f"frames of {width}x{height} pixels cannot be decoded to RGB; "
+                                          f"re-encode the video at another size", stream="video")
+    return reader, first, size
 
 
 def _check_timestamps(stamps: np.ndarray, max_ratio: float) -> None:

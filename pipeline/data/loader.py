@@ -406,29 +406,60 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
     naming the shard (and the sample where there is one).
     """
     path = entry.path
-    needed = ("json", *index.members)
-    expected = set(needed)
-    wanted_offsets = {o for o, _ in wanted}
-    next_wanted = 0
-    last: list[Sample] = []  # the last wanted sample, held back until the shard is checked whole
+    picker = _WantedSamples(path, index, wanted)
+    fileobj, size, tar = _open_shard_tar(path)
+    with fileobj, tar:
+        try:
+            last_offset = yield from _shard_samples(path, tar, size, picker)
+            # a tar ends with two zero blocks (then record padding); without them the file was cut short
+            _check_end_of_archive(path, tar.fileobj, tar.offset, last_offset)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ShardError(f"{path}: truncated or corrupt shard ({exc})") from exc
+    stored = entry.n_stored or entry.n_samples
+    if last_offset + 1 != stored:
+        raise ShardError(f"{path}: holds {last_offset + 1} samples, index.json says {stored} "
+                         "(truncated or corrupt shard)")
+    if picker.next != len(wanted):
+        raise ShardError(f"{path}: sample #{wanted[picker.next][0]} not found")
+    yield from picker.last
 
-    def emit(offset: int, key: str, suffixes: set[str], blobs: dict[str, bytes]) -> Iterator[Sample]:
-        nonlocal next_wanted
-        missing = [m for m in needed if m not in suffixes]
+
+class _WantedSamples:
+    """The samples of one shard to decode (offset, weight), and the check of every sample's members."""
+
+    def __init__(self, path, index: SplitIndex, wanted: list[tuple[int, float]]):
+        self.path, self.index, self.wanted = path, index, wanted
+        self.needed = ("json", *index.members)
+        self.expected = set(self.needed)
+        self.offsets = {o for o, _ in wanted}
+        self.next = 0  # position in `wanted` of the next sample to decode
+        self.last: list[Sample] = []  # the last wanted sample, held back until the shard is checked whole
+
+    def reads(self, offset: int, suffix: str) -> bool:
+        """Whether the member's bytes are needed (a member of a wanted sample that index.json lists)."""
+        return offset in self.offsets and suffix in self.needed
+
+    def take(self, offset: int, key: str, suffixes: set[str], blobs: dict[str, bytes]) -> Iterator[Sample]:
+        """Check sample #offset's member set; decode it once per time it is wanted."""
+        path = self.path
+        missing = [m for m in self.needed if m not in suffixes]
         if missing:
             raise ShardError(f"{path}: sample {key!r} (#{offset}) lacks members {missing} (truncated or corrupt shard?)")
-        extra = sorted(suffixes - expected)
+        extra = sorted(suffixes - self.expected)
         if extra:
             raise ShardError(f"{path}: sample {key!r} (#{offset}) has members {extra} that index.json does not list "
-                             f"(expected {sorted(expected)})")
-        while next_wanted < len(wanted) and wanted[next_wanted][0] == offset:
-            sample = decode_sample(path, key, blobs, index, wanted[next_wanted][1])
-            next_wanted += 1
-            if next_wanted == len(wanted):
-                last.append(sample)
+                             f"(expected {sorted(self.expected)})")
+        while self.next < len(self.wanted) and self.wanted[self.next][0] == offset:
+            sample = decode_sample(path, key, blobs, self.index, self.wanted[self.next][1])
+            self.next += 1
+            if self.next == len(self.wanted):
+                self.last.append(sample)
             else:
                 yield sample
 
+
+def _open_shard_tar(path):
+    """(the shard's file object, its size, the tarfile reading it); ShardError when it cannot be opened."""
     try:
         fileobj = open_shard_file(path)
     except ShardError:
@@ -441,41 +472,35 @@ def read_shard(entry: ShardEntry, index: SplitIndex, wanted: list[tuple[int, flo
     except (tarfile.TarError, OSError) as exc:
         fileobj.close()
         raise ShardError(f"{path}: cannot open shard ({exc})") from exc
-    with fileobj, tar:
-        offset, key, suffixes, blobs = -1, None, set(), {}
-        seen_keys: set[str] = set()
-        try:
-            for info in tar:
-                if not info.isfile():
-                    raise ShardError(f"{path}: member {info.name!r} is not a regular file (after sample #{offset})")
-                if info.offset_data + info.size > size:
-                    raise ShardError(f"{path}: member {info.name} runs past the end of the file (truncated shard)")
-                name_key, _, suffix = info.name.partition(".")
-                if name_key != key:
-                    if key is not None:
-                        yield from emit(offset, key, suffixes, blobs)
-                    if name_key in seen_keys:
-                        raise ShardError(f"{path}: sample {name_key!r} appears twice (its members are not together)")
-                    seen_keys.add(name_key)
-                    offset, key, suffixes, blobs = offset + 1, name_key, set(), {}
-                if suffix in suffixes:
-                    raise ShardError(f"{path}: sample {key!r} (#{offset}) holds member {suffix!r} twice")
-                suffixes.add(suffix)
-                if offset in wanted_offsets and suffix in needed:
-                    blobs[suffix] = tar.extractfile(info).read()
+    return fileobj, size, tar
+
+
+def _shard_samples(path, tar: tarfile.TarFile, size: int, picker: _WantedSamples) -> Iterator[Sample]:
+    """Walk the shard's members sample by sample (a sample's members are consecutive), yielding the
+    wanted samples picker decodes; returns the offset of the last sample (-1: none)."""
+    offset, key, suffixes, blobs = -1, None, set(), {}
+    seen_keys: set[str] = set()
+    for info in tar:
+        if not info.isfile():
+            raise ShardError(f"{path}: member {info.name!r} is not a regular file (after sample #{offset})")
+        if info.offset_data + info.size > size:
+            raise ShardError(f"{path}: member {info.name} runs past the end of the file (truncated shard)")
+        name_key, _, suffix = info.name.partition(".")
+        if name_key != key:
             if key is not None:
-                yield from emit(offset, key, suffixes, blobs)
-            # a tar ends with two zero blocks (then record padding); without them the file was cut short
-            _check_end_of_archive(path, tar.fileobj, tar.offset, offset)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ShardError(f"{path}: truncated or corrupt shard ({exc})") from exc
-    stored = entry.n_stored or entry.n_samples
-    if offset + 1 != stored:
-        raise ShardError(f"{path}: holds {offset + 1} samples, index.json says {stored} "
-                         "(truncated or corrupt shard)")
-    if next_wanted != len(wanted):
-        raise ShardError(f"{path}: sample #{wanted[next_wanted][0]} not found")
-    yield from last
+                yield from picker.take(offset, key, suffixes, blobs)
+            if name_key in seen_keys:
+                raise ShardError(f"{path}: sample {name_key!r} appears twice (its members are not together)")
+            seen_keys.add(name_key)
+            offset, key, suffixes, blobs = offset + 1, name_key, set(), {}
+        if suffix in suffixes:
+            raise ShardError(f"{path}: sample {key!r} (#{offset}) holds member {suffix!r} twice")
+        suffixes.add(suffix)
+        if picker.reads(offset, suffix):
+            blobs[suffix] = tar.extractfile(info).read()
+    if key is not None:
+        yield from picker.take(offset, key, suffixes, blobs)
+    return offset
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: np.random.Generator, initial: int | None = None) -> Iterator:

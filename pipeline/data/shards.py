@@ -452,19 +452,8 @@ def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsC
     _check_not_extracted(rows, extract_dir)
     frontends = read_frontends(extract_dir)
     manifest_hash = sha256_file(manifest)
-    failures: list[dict] = []
-    stale: list[str] = []
-    with tqdm(total=len(rows), desc="check clips", unit="clip", file=sys.stderr) as progress:
-        results = [_plan_split(split, [row for row in rows if row["split"] == split], extract_dir, failures,
-                               stale, progress) for split in SPLITS]
-    if stale:
-        more = f"\n  ... and {len(stale) - 20} more" if len(stale) > 20 else ""
-        raise ShardsError(f"{len(stale)} clip tar(s) in {extract_dir} were extracted from an older manifest "
-                          f"(delete them and run the extraction again):\n" + "\n".join(stale[:20]) + more)
-    modes = {r.mode for r in results if r.mode}
-    if len(modes) > 1:
-        raise ShardsError(f"clips in {extract_dir} mix modes {sorted(modes)}: re-extract with one mode")
-    mode = modes.pop() if modes else None
+    results, failures = _plan_splits(rows, extract_dir)
+    mode = _one_mode(results, extract_dir)
     if mode == "features" and not frontends and frontends_spec:
         frontends = describe_frontends(frontends_spec)
     with tqdm(total=sum(len(r.clips) for r in results), desc="write shards", unit="clip",
@@ -479,13 +468,51 @@ def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsC
             "manifest_hash": manifest_hash, "msaflow_version": __version__,
             **({"extract": extract_settings} if extract_settings else {}),  # the settings `config_hash` hashes
         })
+    _write_failures(out_dir / "failures.csv", failures, rows)
+    summary = _summary(results, mode, config_hash, manifest_hash)
+    write_json_atomic(out_dir / "summary.json", summary)
+    if remove_packed:  # only now: every split, index.json, failures.csv and summary.json are on disk
+        remove_packed_clips(extract_dir, out_dir, manifest_hash, config_hash, cfg, results, summary)
+    else:  # built from the clip tars: an older record of removed clips no longer applies
+        (extract_dir / PACKED_RECORD).unlink(missing_ok=True)
+    return summary
+
+
+def _plan_splits(rows: list[dict], extract_dir: Path) -> tuple[list[SplitResult], list[dict]]:
+    """Every split's clips to write (headers checked) and the failures; ShardsError when a clip tar
+    is stale (extracted from an older manifest)."""
+    failures: list[dict] = []
+    stale: list[str] = []
+    with tqdm(total=len(rows), desc="check clips", unit="clip", file=sys.stderr) as progress:
+        results = [_plan_split(split, [row for row in rows if row["split"] == split], extract_dir, failures,
+                               stale, progress) for split in SPLITS]
+    if stale:
+        more = f"\n  ... and {len(stale) - 20} more" if len(stale) > 20 else ""
+        raise ShardsError(f"{len(stale)} clip tar(s) in {extract_dir} were extracted from an older manifest "
+                          f"(delete them and run the extraction again):\n" + "\n".join(stale[:20]) + more)
+    return results, failures
+
+
+def _one_mode(results: list[SplitResult], extract_dir: Path) -> str | None:
+    """The clips' mode (raw or features; None without clips): one for every split."""
+    modes = {r.mode for r in results if r.mode}
+    if len(modes) > 1:
+        raise ShardsError(f"clips in {extract_dir} mix modes {sorted(modes)}: re-extract with one mode")
+    return modes.pop() if modes else None
+
+
+def _write_failures(path: Path, failures: list[dict], rows: list[dict]) -> None:
+    """failures.csv, in manifest order."""
     order = {row["id"]: i for i, row in enumerate(rows)}
-    failures.sort(key=lambda f: order[f["id"]])
-    with atomic_path(out_dir / "failures.csv") as tmp:
+    failures = sorted(failures, key=lambda f: order[f["id"]])
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=FAILURE_COLUMNS, lineterminator="\n")
             writer.writeheader()
             writer.writerows({col: fail[col] for col in FAILURE_COLUMNS} for fail in failures)
+
+
+def _summary(results: list[SplitResult], mode: str | None, config_hash: str, manifest_hash: str) -> dict:
     summary = {
         "mode": mode, "config_hash": config_hash, "manifest_hash": manifest_hash,
         "splits": {r.split: {"manifest_rows": r.manifest_rows, "samples": r.samples, "shards": len(r.shards),
@@ -495,11 +522,6 @@ def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsC
     }
     summary["total"] = {k: sum(s[k] for s in summary["splits"].values())
                         for k in next(iter(summary["splits"].values()))}
-    write_json_atomic(out_dir / "summary.json", summary)
-    if remove_packed:  # only now: every split, index.json, failures.csv and summary.json are on disk
-        remove_packed_clips(extract_dir, out_dir, manifest_hash, config_hash, cfg, results, summary)
-    else:  # built from the clip tars: an older record of removed clips no longer applies
-        (extract_dir / PACKED_RECORD).unlink(missing_ok=True)
     return summary
 
 
