@@ -4,20 +4,24 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: setup demo test test-fast clean-demo
+.PHONY: setup demo test test-fast lint clean-demo
 
 setup:
 	./scripts/setup.sh
 
+# config/config.yaml, the workflow's default config, is the demo
 demo: setup
-	$(BIN)/snakemake --cores $(CORES) --configfile config/demo.yaml
+	$(BIN)/snakemake --cores $(CORES)
 
-test: setup
+test: setup lint
 	$(BIN)/pytest
 	$(BIN)/pytest -m slow
 
 test-fast: setup
 	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/snakemake --lint
 
 clean-demo:
 	rm -rf results/demo

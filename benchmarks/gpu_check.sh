@@ -129,7 +129,7 @@ train() {
     # GPU) with bf16 + checkpointing, extended by one epoch (resume), evaluate, predict
     local w=$WORK/demo
     rm -rf $w && mkdir -p $w
-    $PY - config/demo.yaml $w/train.yaml <<'EOF'
+    $PY - config/config.yaml $w/train.yaml <<'EOF'
 import sys, yaml
 cfg = yaml.safe_load(open(sys.argv[1]))
 e2e = cfg["train"]["model_settings"]["extra"]["end_to_end"]

@@ -9,7 +9,7 @@ the command's one-line message)::
     import msaflow
 
     run = msaflow.train("results/demo/shards", "runs/s0", model="end-to-end", epochs=2, batch_size=4,
-                        config="config/demo.yaml")        # any `msaflow train` option, `-` spelled `_`
+                        config="config/config.yaml")      # any `msaflow train` option, `-` spelled `_`
     metrics = msaflow.evaluate(["runs/s0", "runs/s1"], "results/demo/shards", rates="0.0:1.0:0.1",
                                out="metrics.json")      # seeds of one configuration, pooled
     arrays = msaflow.extract_clip("clip.mp4", "what was said", config={"mode": "raw", "fps": 25})

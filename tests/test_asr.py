@@ -357,7 +357,7 @@ def test_workflow_on_a_folder_without_text_recognises_and_reports(shared_data, t
         writer.writerow(["file", "label", "split"])
         for p, split in zip(grid, ("train", "train", "valid", "test")):
             writer.writerow([p.name, 0.5, split])
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["run_name"] = "no_text"
     config["dataset"] = {"root": str(data), "format": "folder"}
     config["workflow"]["extract_chunks"] = 1

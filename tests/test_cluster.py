@@ -41,7 +41,7 @@ K8S_PROFILE = REPO / "profiles" / "kubernetes"
 
 
 def demo_config(path: Path, **sections) -> Path:
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["dataset"]["root"] = str(DEMO)
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}

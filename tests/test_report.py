@@ -48,10 +48,20 @@ def test_report_sections_curves_contact_sheet_and_failures(tmp_path):
     assert "truncated file: moov atom not found" in md and "1 clip(s) could not be used" in md
     assert "**emt** per missing rate" in md and "**TXT** per missing rate" in md
     assert f"{emt['AUILC']['MAE']:.3f}" in md
-    for png in ["robustness.png", "faces_train.png", "faces_valid.png", "faces_test.png"]:
+    for png in ["robustness.png", "faces/faces_train.png", "faces/faces_valid.png", "faces/faces_test.png"]:
         assert (out / png).stat().st_size > 1000
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 4
+
+    # each table of the page is also a CSV of its own (the workflow's `snakemake --report` items)
+    tables = {p.stem: list(csv.reader(p.open(encoding="utf-8"))) for p in (out / "tables").glob("*.csv")}
+    assert sorted(tables) == ["auilc", "data", "failures", "rates"]  # no --timings: no timings table
+    assert tables["failures"] == [["id", "path", "stage", "reason"],
+                                  ["vid9/1", "/data/vid9/1.mp4", "decode", "truncated file: moov atom not found"]]
+    assert [row[0] for row in tables["data"][1:]] == ["test", "train", "valid"]  # from index.json: no summary.json
+    assert tables["auilc"][0][:2] == ["model", "n_test"] and [r[0] for r in tables["auilc"][1:]] == ["emt", "TXT"]
+    assert tables["auilc"][1][tables["auilc"][0].index("MAE")] == f"{emt['AUILC']['MAE']:.3f}"
+    assert len(tables["rates"]) == 1 + 2 * 11 and tables["rates"][1][:2] == ["emt", "0.0"]
 
 
 def test_report_handles_undefined_metrics_and_features_shards(tmp_path):
@@ -68,3 +78,4 @@ def test_report_handles_undefined_metrics_and_features_shards(tmp_path):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "features shards hold embeddings, not crops" in md
     assert "n/a" in md
+    assert (out / "faces").is_dir() and not list((out / "faces").iterdir())  # no crops, the folder is there

@@ -46,7 +46,7 @@ def test_pickle_config_plans_a_run_per_seed_and_rate(tmp_path, shared_data):
 
 
 def test_demo_config_plans_training_evaluation_and_report(tmp_path):
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["run_name"] = f"test-plan-{tmp_path.name}"
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -62,7 +62,7 @@ def test_exactly_one_data_source(sources):
         WorkflowConfig.model_validate({"run_name": "x", **sources})
 
 
-@pytest.mark.parametrize("name", ["demo", "custom", "mosi", "mosei", "sims", "mmsa_pickle"])
+@pytest.mark.parametrize("name", ["config", "custom", "mosi", "mosei", "sims", "mmsa_pickle"])
 def test_shipped_configs_are_valid(name):
     WorkflowConfig.model_validate(yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text()))
 

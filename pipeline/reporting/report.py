@@ -3,7 +3,13 @@
 Sections: data summary (samples per split, clips left out, missing modalities), the
 failures table, robustness curves (every metric against the missing rate, one line per
 model), a contact sheet of face crops per split for visual QC, the run configuration and
-the time each workflow step took. Written as Markdown and as a self-contained HTML page.
+the time each workflow step took. Written as Markdown and as a self-contained HTML page, with
+each figure and table also a file of its own (the workflow's `snakemake --report` shows them):
+
+    report.md, report.html     the page
+    robustness.png             the robustness curves
+    faces/faces_<split>.png    a contact sheet per split with faces (the folder is there with --shards)
+    tables/<name>.csv          the page's tables: data, failures, auilc, rates, timings
 """
 
 from __future__ import annotations
@@ -18,9 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from msaflow.pipeline.data.shards import FAILURE_COLUMNS
 from msaflow.tario import atomic_path, decode_member, iter_tar_members
 
 CURVE_METRICS = ["MAE", "Corr", "Acc-2_non0", "F1_non0", "Acc-7", "Acc-5"]
+
+
+@dataclass
+class Table:
+    name: str  # written as tables/<name>.csv
+    header: list[str]
+    rows: list[list]
+
+    def markdown(self) -> str:
+        return md_table(self.header, self.rows)
 
 
 @dataclass
@@ -28,6 +45,7 @@ class Section:
     title: str
     markdown: str  # body, Markdown
     images: list[Path] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)  # also in the body
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,17 +99,18 @@ def data_section(shards: Path) -> Section:
             splits["total"] = summary["total"]
         columns = ["manifest_rows", "samples", "failures", "no_face", "no_audio", "empty_text", "text_given",
                    "text_recognised", "shards"]
-        rows = [[name] + [counts.get(c) for c in columns] for name, counts in splits.items()]
-        body = md_table(["split"] + columns, rows)
+        table = Table("data", ["split"] + columns, [[name] + [counts.get(c) for c in columns]
+                                                     for name, counts in splits.items()])
+        body = table.markdown()
         body += f"\n\nMode `{summary.get('mode')}`; extract config hash `{str(summary.get('config_hash'))[:12]}`, " \
                 f"manifest hash `{str(summary.get('manifest_hash'))[:12]}`."
         body += "\n\n" + transcripts_line(shards, summary.get("total", {}))
-        return Section("Data", body)
-    rows = []
+        return Section("Data", body, tables=[table])
+    table = Table("data", ["split", "mode", "samples", "shards"], [])
     for index_path in sorted(shards.glob("*/index.json")):
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        rows.append([index["split"], index.get("mode"), index["n_samples"], len(index.get("shards", []))])
-    return Section("Data", md_table(["split", "mode", "samples", "shards"], rows) if rows else "_no shards found_")
+        table.rows.append([index["split"], index.get("mode"), index["n_samples"], len(index.get("shards", []))])
+    return Section("Data", table.markdown() if table.rows else "_no shards found_", tables=[table])
 
 
 def transcripts_line(shards: Path, total: dict) -> str:
@@ -112,14 +131,16 @@ def transcripts_line(shards: Path, total: dict) -> str:
 def failures_section(shards: Path) -> Section:
     path = shards / "failures.csv"
     if not path.is_file():
-        return Section("Clips left out", "_no failures.csv_")
+        return Section("Clips left out", "_no failures.csv_", tables=[Table("failures", FAILURE_COLUMNS, [])])
     with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        header = list(reader.fieldnames or FAILURE_COLUMNS)
+    table = Table("failures", header, [[r[h] for h in header] for r in rows])
     if not rows:
-        return Section("Clips left out", "None: every clip of the manifest is in the shards.")
-    header = list(rows[0].keys())
-    return Section("Clips left out", f"{len(rows)} clip(s) could not be used:\n\n"
-                   + md_table(header, [[r[h] for h in header] for r in rows]))
+        return Section("Clips left out", "None: every clip of the manifest is in the shards.", tables=[table])
+    return Section("Clips left out", f"{len(rows)} clip(s) could not be used:\n\n" + table.markdown(),
+                   tables=[table])
 
 
 def defined_metrics(metrics: list[tuple[str, dict]]) -> list[str]:
@@ -180,18 +201,21 @@ def robustness_section(metrics: list[tuple[str, dict]], out: Path) -> Section:
     plt.close(fig)
 
     keys = shown
-    rows = [[name, m.get("n_test")] + [fmt(m.get("AUILC", {}).get(k)) for k in keys] for name, m in metrics]
+    auilc_table = Table("auilc", ["model", "n_test"] + keys,
+                        [[name, m.get("n_test")] + [fmt(m.get("AUILC", {}).get(k)) for k in keys]
+                         for name, m in metrics])
+    rates_table = Table("rates", ["model", "rate"] + keys, [])  # the per-model tables below, in one file
     body = labels_note(metrics)
     if undefined:
         body += f"Left out, undefined on this test split at every rate: {', '.join(undefined)}.\n\n"
     body += (f"AUILC (area under the metric-vs-missing-rate curve, trapezoid rule, {rate_step_text(metrics)}; "
              f"not divided by the range):\n\n")
-    body += md_table(["model", "n_test"] + keys, rows)
+    body += auilc_table.markdown()
     for name, m in metrics:
-        rates = sorted(m["rates"], key=float)
-        body += f"\n\n**{name}** per missing rate:\n\n" + md_table(
-            ["rate"] + keys, [[r] + [fmt(m["rates"][r].get(k)) for k in keys] for r in rates])
-    return Section("Robustness to missing features", body, [png])
+        rows = [[r] + [fmt(m["rates"][r].get(k)) for k in keys] for r in sorted(m["rates"], key=float)]
+        rates_table.rows += [[name] + row for row in rows]
+        body += f"\n\n**{name}** per missing rate:\n\n" + md_table(["rate"] + keys, rows)
+    return Section("Robustness to missing features", body, [png], [auilc_table, rates_table])
 
 
 def first_faces(shard_files: list[Path], n: int) -> list[tuple[str, np.ndarray]]:
@@ -241,7 +265,7 @@ def contact_sheet_section(shards: Path, out: Path, per_split: int) -> Section:
             ax.set_title(key[-14:], fontsize=6)
         fig.suptitle(f"{split}: middle face crop of {len(faces)} clips")
         fig.tight_layout()
-        png = out / f"faces_{split}.png"
+        png = out / "faces" / f"faces_{split}.png"
         fig.savefig(png, dpi=90)
         plt.close(fig)
         images.append(png)
@@ -252,13 +276,13 @@ def contact_sheet_section(shards: Path, out: Path, per_split: int) -> Section:
 
 
 def timings_section(folder: Path) -> Section:
-    rows = []
-    for tsv in sorted(folder.rglob("*.tsv")):
+    table = Table("timings", ["step", "seconds", "max RSS (MB)"], [])
+    for tsv in sorted(folder.rglob("*.tsv")) if folder.is_dir() else []:
         with tsv.open(encoding="utf-8", newline="") as f:
             for rec in csv.DictReader(f, delimiter="\t"):
-                rows.append([str(tsv.relative_to(folder).with_suffix("")), f"{float(rec['s']):.1f}",
-                             rec.get("max_rss", "")])
-    return Section("Timings", md_table(["step", "seconds", "max RSS (MB)"], rows) if rows else "_none recorded_")
+                table.rows.append([str(tsv.relative_to(folder).with_suffix("")), f"{float(rec['s']):.1f}",
+                                   rec.get("max_rss", "")])
+    return Section("Timings", table.markdown() if table.rows else "_none recorded_", tables=[table])
 
 
 def config_section(path: Path) -> Section:
@@ -290,19 +314,31 @@ def build_report(args: argparse.Namespace) -> list[Section]:
     args.out.mkdir(parents=True, exist_ok=True)
     sections: list[Section] = []
     if args.shards:
+        (args.out / "faces").mkdir(exist_ok=True)  # there even when no split has faces (features shards)
         sections += [data_section(args.shards), failures_section(args.shards),
                      contact_sheet_section(args.shards, args.out, args.faces_per_split)]
     if args.metrics:
         sections.append(robustness_section([load_metrics(m) for m in args.metrics], args.out))
-    if args.timings and args.timings.is_dir():
+    if args.timings:
         sections.append(timings_section(args.timings))
     if args.config:
         sections.append(config_section(args.config))
     return sections
 
 
+def write_tables(sections: list[Section], out: Path) -> None:
+    (out / "tables").mkdir(exist_ok=True)
+    for table in (t for s in sections for t in s.tables):
+        with atomic_path(out / "tables" / f"{table.name}.csv") as tmp:
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(table.header)
+                writer.writerows(["" if v is None else v for v in row] for row in table.rows)
+
+
 def main(args: argparse.Namespace) -> int:
     sections = build_report(args)
+    write_tables(sections, args.out)
     with atomic_path(args.out / "report.md") as tmp:
         tmp.write_text(render_markdown(args.title, sections, args.out), encoding="utf-8")
     with atomic_path(args.out / "report.html") as tmp:
