@@ -273,13 +273,13 @@ def _run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int], 
 
     k, n = chunk
     t0 = time.perf_counter()
+    device = str(resolve_device(cfg.device))  # "cpu" or "cuda:<index>", as the worker takes it
     jobs, bad_rows = _chunk_jobs(manifest, k, n)
     for folder in ("clips", "failures"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     tally = _Tally(Counter(clips=len(jobs) + len(bad_rows)))
     _record_bad_rows(out, bad_rows, tally)
     todo = _resume(out, jobs, tally)
-    device = str(resolve_device(cfg.device))  # "cpu" or "cuda:<index>", as the worker takes it
     spec = cfg.frontends if cfg.mode == "features" else None
     if spec is not None:  # a bad spec fails here, before any worker starts
         from msaflow.extractors.frontends import parse_spec
