@@ -12,7 +12,7 @@ import argparse
 import hashlib
 import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 

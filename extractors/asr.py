@@ -24,7 +24,6 @@ time: a missing package or model folder is a one-line error saying how to instal
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -20,8 +20,8 @@ import torch
 
 # The built-in front-ends register themselves on import (the registry is frontend_base's).
 from msaflow.extractors import crepe, facenet, fer, opensmile, text_frontend  # noqa: F401
-from msaflow.extractors.frontend_base import (  # noqa: F401 (the registry's names, read from here)
-    INPUT_MEMBERS, MODALITIES, REGISTRY, FrontEnd, file_sha256, portable_name, register)
+from msaflow.extractors.frontend_base import INPUT_MEMBERS, MODALITIES, REGISTRY, FrontEnd
+from msaflow.extractors.frontend_base import register  # noqa: F401 (front-ends outside the package import it from here)
 
 MODALITY_ALIASES = {"face": "vision", "video": "vision", "vision": "vision", "audio": "audio", "text": "text"}
 MASK_MEMBERS = {"vision": "vision_mask.npy", "audio": "audio_mask.npy"}
