@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from msaflow.device import resolve_device
+
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 
@@ -63,23 +65,10 @@ def read_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def pick_device(device: str, local_rank: int) -> torch.device:
-    """`auto`: this process's GPU (LOCAL_RANK) when CUDA is available, else the CPU."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' asked for, but CUDA is not available")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible")
-    return torch.device("cuda", local_rank)
-
-
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun set up (if any); returns this process's context."""
     rank, world, local = read_env()
-    dev = pick_device(device, local)
+    dev = resolve_device(device, local)  # auto: this process's LOCAL_RANK GPU, else the CPU
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1:
