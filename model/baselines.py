@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from msaflow.contract import MODALITIES
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.model.encoders import TextEncoder, build_sequence_encoders, padding_mask
 from msaflow.model.registry import MSAModel, register, released_param_groups
@@ -81,7 +82,7 @@ def masked_mean_states(states: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
 
 
 def batch_modalities(batch: dict) -> set[str]:
-    return {m for m in ("text", "audio", "vision") if (f"{m}_ids" if m == "text" else m) in batch}
+    return {m for m in MODALITIES if (f"{m}_ids" if m == "text" else m) in batch}
 
 
 def subset(batch: dict, index: torch.Tensor) -> dict:

@@ -10,6 +10,15 @@ The memo is exact up to float rounding: misses are encoded in padded batches, an
 value stored for a sequence is the one every later lookup returns. It lives in a directory
 (one namespace per encoder weights and pooling), as append-only `.npz` parts written
 atomically; parts from several processes simply add up.
+
+Not the same job as pipeline/training/text_cache.py (the frozen-encoder mode of `msaflow train
+--text-cache`), and kept apart on purpose: that cache stores every token's hidden state (N, L, D)
+in float16, keyed by position (split, sample ids, mask seed, rate), so it exists only for fixed
+masks at a grid of rates and is built before training and attached to the batch for any model
+(EMT's attention reads token states). This memo stores one float32 pooled vector per distinct id
+sequence, keyed by content, filled lazily inside a baseline under any masks, redrawn ones too.
+Serving one from the other would change results (float16 states pooled are not these float32
+vectors) or cannot work (a pooled vector has no tokens for EMT to attend over).
 """
 
 from __future__ import annotations

@@ -9,6 +9,16 @@ docs/model.md: the train masks are the fixed per-sample draw of the released cod
 redrawn per batch); train and validation use the rates 0.0, 0.2, ..., 1.0 (the
 single-model protocol draws its rate from them instead of U[0, 1]); test uses 0.0, 0.1, ..., 1.0.
 
+Not the same job as model/text_memo.py (the memo of a frozen encoder's pooled output inside the
+baselines), and the two are kept apart on purpose: this cache holds every token's hidden state
+(N, L, D), which EMT's token-level attention reads, in float16 (an (N, L, D) file per split and
+rate); it is keyed by position (split, sample ids, mask seed, rate), so it exists only for fixed
+per-sample masks at the grid's rates, is built before training for an MMSA pickle and is attached
+to the batch by the training loop (`batch["text"]`), for any model. The memo holds one float32
+pooled vector per distinct id sequence, keyed by content, filled lazily inside the model under any
+masks (redrawn per batch too). One store serving both would change results: pooled float16
+states are not the memo's float32 pooled vectors, and a pooled vector cannot feed EMT's attention.
+
 Prebuild (optional; `msaflow train --text-cache DIR` builds what is missing):
     python -m msaflow.pipeline.training.text_cache --data PKL --cache DIR [--splits test,valid,train]
         [--train-rates 0.0:1.0:0.1]   (train/valid rates: per-rate runs at other rates than the default grid)
@@ -24,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from msaflow.contract import UNK_ID
 from msaflow.model.missing import simulate_missing
 from msaflow.pipeline.data.mmsa_pickle import Split, load_mmsa_pickle
 from msaflow.pipeline.training.rates import COARSE_GRID as COARSE_SPEC
@@ -75,7 +86,7 @@ class TextStateCache:
     """Cached states per (split, rate); `states(split_name, rate, index)` → (B, L, D) float32."""
 
     def __init__(self, cache_dir: str | Path, splits: dict[str, Split], text_model: str, mask_seed: int,
-                 unk_id: int = 100, rates: tuple[float, ...] = GRID):
+                 unk_id: int = UNK_ID, rates: tuple[float, ...] = GRID):
         self.dir = Path(cache_dir)
         self.splits, self.text_model, self.mask_seed, self.unk_id = splits, text_model, mask_seed, unk_id
         self.rates = tuple(rates)
