@@ -26,6 +26,7 @@ from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_h
 from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.datasets.manifest import ManifestConfig
 from msaflow.pipeline.data.shards import ShardsConfig
+from msaflow.pipeline.training.options import EvaluateSection, TrainSection  # the train/evaluate commands' own models
 
 # The workflow's schema file, in the source tree (an installed msaflow has none: use workflow_schema())
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.json"
@@ -47,42 +48,6 @@ class WorkflowSection(BaseModel):
     extract_mem_mb: PositiveInt = Field(4000, description="memory per extraction job (MB)")
     extract_gpus: int = Field(0, ge=0, description="GPUs per extraction job (Snakemake resource `gpu`; "
                                                    "bound them with snakemake --resources gpu=N)")
-
-
-class TrainSection(BaseModel):
-    """Training runs of the workflow: one `msaflow train` per seed (x rate for `per-rate`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("emt-dlfr", description="registered model (`msaflow train --list-models`); `end-to-end` "
-                                               "trains front-ends over raw shards (its settings in model.extra)")
-    preset: Literal["mosi", "mosei", "sims"] = Field("mosi", description="hyperparameter preset and metric family")
-    protocol: Literal["single-model", "per-rate"] = Field(
-        "single-model", description="single-model: one model, rate drawn per batch; per-rate: a model per rate")
-    rates: list[float] = Field([0.0], description="per-rate protocol: training missing rates")
-    seeds: list[int] = Field([0], min_length=1, description="one run per seed; metrics are mean +- std")
-    epochs: PositiveInt | None = Field(None, description="maximum epochs (preset when null)")
-    patience: PositiveInt | None = Field(None, description="early-stopping patience (preset when null)")
-    batch_size: PositiveInt | None = None
-    grad_accum: PositiveInt | None = None
-    freeze_text: bool = Field(False, description="keep the text encoder frozen")
-    valid_rates: str | None = Field(None, description="missing rates of the validation loss, e.g. '0.0,0.5' "
-                                                      "(null: the training rate for per-rate, 0.0:1.0:0.2 otherwise)")
-    threads: PositiveInt = Field(2, description="torch CPU threads (also the job's Snakemake threads)")
-    gpus: int = Field(0, ge=0, description="GPUs per training job (Snakemake resource `gpu`)")
-    mem_mb: PositiveInt = 8000
-    model_settings: dict[str, Any] = Field(default_factory=dict,
-                                           description="ModelConfig keys over the preset (model/config.py)")
-    optim: dict[str, Any] = Field(default_factory=dict, description="OptimConfig keys over the preset (model/config.py)")
-    lengths: LengthConfig = Field(default_factory=LengthConfig,
-                                  description="per-modality caps on time steps and pooling (pipeline/data/lengths.py)")
-
-
-class EvaluateSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rates: str = Field("0.0:1.0:0.1", description="missing rates (or noise levels) START:STOP:STEP or a comma list")
-    corruption: Literal["missing", "noise"] = "missing"
 
 
 class WorkflowConfig(BaseModel):

@@ -39,9 +39,8 @@ import torch
 
 from msaflow.model.config import OptimConfig, max_rate, rate_grid
 from msaflow.model.missing import present_modalities
-from msaflow.pipeline.training.rates import LNLN_GRID, parse_rates, rate_key
+from msaflow.pipeline.training.rates import LNLN_GRID, PROTOCOLS, parse_rates, rate_key  # noqa: F401
 
-PROTOCOLS = ("per-rate", "single-model", "lnln")
 LNLN_TEST_GRID = LNLN_VALID_GRID = LNLN_GRID
 RELEASED = {"text_model": "bert-base-uncased (fine-tuned)", "grad_accum": 4, "patience": 8, "batch_size": None}
 
