@@ -21,10 +21,12 @@ the command's one-line message)::
     msaflow.results(["runs/s0", "runs/s1"], out="results.csv")   # one row per run, appended
 
 - ``train(data, out, *, model="emt-dlfr", config=None, **options) -> Run``: ``msaflow train``;
-  ``config`` is a YAML path or a dict (``{"model": {...}, "optim": {...}}``).
+  ``config`` is a YAML path or its content as a dict (``{"model": {...}, "optim": {...}}``, or a
+  workflow config whose ``train:`` section gives defaults the options override).
 - ``evaluate(runs, data, *, out=None, **options) -> dict``: ``msaflow evaluate`` (``rates``,
   ``corruption``, ``rescore``, ``threads``); the metrics.json content.
-- ``extract_clip(path, text="", *, config=None, start=None, end=None, device="cpu") -> dict``:
+- ``extract_clip(path, text="", *, config=None, start=None, end=None, device="cpu") -> dict`` (``device``:
+  auto, cpu or cuda, the rule of ``msaflow.device``):
   one clip's arrays by member name (raw: face, vision_mask, wav, fbank, audio_mask, text_ids;
   features: vision, audio, text, ...) and ``meta``.
 - ``load_run(run_dir, device="cpu", extract_config=None) -> Run``: ``.predict(video, text="",
@@ -80,7 +82,7 @@ def results(runs, out=None) -> list[dict]:
 
 def __getattr__(name: str):
     if name == "Run":
-        from msaflow.pipeline.api import Run
+        from msaflow.pipeline.training.predict import Run
 
         return Run
     raise AttributeError(f"module 'msaflow' has no attribute {name!r}")

@@ -65,21 +65,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def quiet_third_party() -> None:
-    """No progress bars or advisory chatter from Hugging Face libraries (the "Loading weights" bar)."""
-    for name, value in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-        os.environ.setdefault(name, value)
-    if "transformers" in sys.modules:  # already imported: set it there too
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except Exception:  # pragma: no cover - an old or odd transformers
-            pass
-
-
 class _ConsoleHandler(logging.Handler):
     """INFO and below on stdout, WARNING and above on stderr; the streams are looked up at each
     record, so a redirected sys.stdout / sys.stderr (tests, notebooks) gets the lines."""
@@ -148,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     machine's (OSError: no space, permission, I/O error, naming the file) and a folder in use by
     another process (LockError) exit with 2, a stop by a signal with 128 + the signal's number;
     the run can be started again and resumes."""
-    quiet_third_party()
     from msaflow.lock import LockError, Stopped
+    from msaflow.pipeline.api import quiet_third_party  # the API's commands are quiet the same way
+
+    quiet_third_party()
 
     argv = sys.argv[1:] if argv is None else argv
     try:

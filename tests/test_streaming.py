@@ -284,7 +284,7 @@ def grid_shards(shared_data, tmp_path_factory) -> Path:
 def test_real_clips_train_and_streaming_evaluation_equals_whole_split(grid_shards, tmp_path):
     from msaflow.model.metrics import compute_metrics
     from msaflow.model.missing import simulate_missing
-    from msaflow.pipeline.training.evaluate import load_run
+    from msaflow.pipeline.training.run_dir import RunDir
 
     lengths = [b["text_lengths"].tolist() for b in open_source(grid_shards).batches("train", 64)]
     assert len(set(lengths[0])) > 2  # transcripts of different lengths in one split
@@ -303,7 +303,8 @@ def test_real_clips_train_and_streaming_evaluation_equals_whole_split(grid_shard
     streamed = json.loads(out.read_text())["rates"]
 
     # the reference: the whole test split in one padded batch, the run's stored statistics
-    config, model = load_run(run)
+    config = RunDir(run).config()
+    model = RunDir(run).build_model(config)
     whole = Normaliser.load(run)(next(iter(ShardSource(copy, LengthConfig(), bucket=1).batches("test", 64))))
     model.eval()
     for rate in (0.0, 0.5):

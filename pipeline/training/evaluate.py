@@ -25,7 +25,6 @@ import csv
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -34,17 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msaflow.model.config import ModelConfig
+from msaflow.contract import SPLITS, UNK_ID
 from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
-from msaflow.model.registry import build_model
-from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real, open_source,
-                                   read_index)
+from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.pipeline.data.loader import ShardError
-from msaflow.pipeline.data.mmsa_pickle import SPLITS
+from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real,
+                                           open_source, read_index)
 from msaflow.pipeline.training import protocols
-from msaflow.pipeline.training.rates import TEST_GRID, parse_rates, rate_key
 from msaflow.pipeline.training.distributed import to_device
+from msaflow.pipeline.training.rates import CORRUPTIONS, TEST_GRID, parse_rates, rate_key
+from msaflow.pipeline.training.run_dir import RunDir
 from msaflow.tario import atomic_path, write_json_atomic
 
 log = logging.getLogger("msaflow.evaluate")
@@ -85,7 +84,7 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 @torch.no_grad()
 def predict(model, batches: Iterable[dict], *, split_name: str = "test", corruption: str = "missing",
-            level: float = 0.0, mask_seed: int = 0, unk_id: int = 100, text_cache=None
+            level: float = 0.0, mask_seed: int = 0, unk_id: int = UNK_ID, text_cache=None
             ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Predictions of `model` (eval mode) on a split's batches corrupted at `level` with fixed
     per-sample masks (keyed by sample id, so batch order and size do not matter).
@@ -145,61 +144,38 @@ def summarise_labels(label: np.ndarray) -> dict:
     return {"n": int(len(label)), "distinct": int(len(values)), "min": float(values[0]), "max": float(values[-1])}
 
 
-def load_run(run_dir: str | Path) -> tuple[dict, "torch.nn.Module"]:
-    """(run config, model with the best weights) of a training run directory."""
-    run_dir = Path(run_dir)
-    config_path, best_path = run_dir / "config.json", run_dir / "best.pt"
-    if not config_path.is_file() or not best_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a finished training run (needs config.json and best.pt)")
-    run = json.loads(config_path.read_text())
-    model = build_model(run["model"], ModelConfig.from_dict(run["model_config"]))
-    import pickle
-
-    try:
-        state = torch.load(best_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise DataError(f"{best_path}: holds pickled Python objects, not a state dict of weights; msaflow loads "
-                        f"weights only (a pickle runs code when loaded)") from exc
-    model.load_state_dict(state)
-    return run, model
-
-
 def same_data(a: str | Path, b: str | Path) -> bool:
     if is_url(a) or is_url(b):
         return str(a).rstrip("/") == str(b).rstrip("/")
     return Path(a).resolve() == Path(b).resolve()
 
 
-def run_source(run: dict, data: Path, run_dir: Path):
+def run_source(run: dict, data: str | Path, run_dir: RunDir):
     """(data source, normaliser) for scoring a run on `data`: the run's own length caps and statistics."""
-    from msaflow.pipeline.data.lengths import LengthConfig
-
     source = open_source(data, LengthConfig.model_validate(run.get("lengths") or {}), limit=run.get("limit", 0),
                          bucket=run.get("bucket", 8))
     if not run.get("zscore") or source.mode != "features":
         return source, Normaliser()
     if isinstance(source, PickleSource):  # small, read whole: the statistics come with it
         return source, source.fit_normaliser()
-    return source, Normaliser.load(run_dir)
+    return source, run_dir.normaliser()
 
 
-def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str, rescore: bool = False,
-                data_hash: str | None = None, info: dict | None = None, batch_size: int | None = None
-                ) -> tuple[dict, int]:
-    """({rate: metrics}, n_test) of one run scored on `data`. The run's own test metrics are reused
-    when `data` has the hash recorded for the run (the test set stays touched once); `info` (a dict)
-    gets "reused" (bool) and "labels" (the test labels' summary, when known)."""
+def run_metrics(run_dir: RunDir, run: dict, data: str | Path, rates: list[float], corruption: str,
+                rescore: bool = False, data_hash: str | None = None, info: dict | None = None,
+                batch_size: int | None = None) -> tuple[dict, int]:
+    """({rate: metrics}, n_test) of one run (`run`: its config.json) scored on `data`. The run's own
+    test metrics are reused when `data` has the hash recorded for the run (the test set stays touched
+    once); `info` (a dict) gets "reused" (bool) and "labels" (the test labels' summary, when known)."""
     info = {} if info is None else info
-    run = json.loads((run_dir / "config.json").read_text())
     data_hash = data_hash or data_fingerprint(data)
-    saved = run_dir / "metrics.json"  # written by `msaflow train` at the end
+    saved = run_dir.metrics() if corruption == "missing" and not rescore and run.get("data_hash") == data_hash \
+        else None
     info["reused"] = False
-    if corruption == "missing" and saved.is_file() and not rescore and run.get("data_hash") == data_hash:
-        metrics = json.loads(saved.read_text())
-        if all(rate_key(r) in metrics["rates"] for r in rates):
-            info.update(reused=True, labels=metrics.get("labels") or {})
-            return {rate_key(r): metrics["rates"][rate_key(r)] for r in rates}, metrics["n_test"]
-    run, model = load_run(run_dir)
+    if saved is not None and all(rate_key(r) in saved["rates"] for r in rates):
+        info.update(reused=True, labels=saved.get("labels") or {})
+        return {rate_key(r): saved["rates"][rate_key(r)] for r in rates}, saved["n_test"]
+    model = run_dir.build_model(run)
     source, normalise = run_source(run, data, run_dir)
     splits = source.splits if isinstance(source, PickleSource) else None
     cache = run_text_cache(run, splits, [("test", r) for r in rates] if corruption == "missing" else [("test", 0.0)])
@@ -208,7 +184,7 @@ def run_metrics(run_dir: Path, data: Path, rates: list[float], corruption: str, 
     per_rate = score(model, lambda: (normalise(b) for b in source.batches("test", batch_size)), rates,
                      corruption=corruption, mask_seed=run["mask_seed"], dataset=run["dataset"],
                      unk_id=run["model_config"]["unk_id"], text_cache=cache, label_summary=labels,
-                     phase=f"{run_dir} on test ({source.size('test')} samples)")
+                     phase=f"{run_dir.path} on test ({source.size('test')} samples)")
     info["labels"] = labels
     return per_rate, source.size("test")
 
@@ -284,7 +260,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shard folder or MMSA feature pickle (trusted file; it is unpickled): the runs' data")
     p.add_argument("--rates", default=None, help=f"grid 'start:stop:step' or 'a,b,c' (default {TEST_GRID} for "
                    "single-model runs, the training rate for per-rate runs)")
-    p.add_argument("--corruption", choices=["missing", "noise"], default="missing",
+    p.add_argument("--corruption", choices=CORRUPTIONS, default="missing",
                    help="missing: drop features at rate r; noise: add level*N(0,1) to audio/vision")
     p.add_argument("-o", "--out", type=Path, required=True, help="metrics.json to write (CSV beside it)")
     p.add_argument("--threads", type=int, default=2)
@@ -323,18 +299,49 @@ def pooling_problem(run_dirs: list[Path], runs: list[dict]) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        evaluate_runs(args)
-    except DataError as exc:
-        log.error(f"msaflow evaluate: error: {' '.join(str(exc).split())}")
-        return 2
+    evaluate_runs(args)  # a DataError is one line and exit status 2 (msaflow.pipeline.cli)
     return 0
 
 
 def evaluate_runs(args: argparse.Namespace) -> dict:
     """`msaflow evaluate` with parsed arguments; the metrics written. DataError on a user error."""
     torch.set_num_threads(args.threads)
-    not_runs = [str(d) for d in args.runs if not (Path(d) / "config.json").is_file()]
+    run_dirs, runs, explicit = checked_runs(args)
+    data_hash = data_fingerprint(args.data)
+    log.info(f"scoring {len(runs)} run(s) of {runs[0]['model']} ({runs[0]['protocol']}) on {args.data} "
+             f"(data {data_hash[:12]}) at {args.corruption}")
+    results, n_test, reused, labels = [], set(), [], {}
+    for run_dir, run in zip(run_dirs, runs):
+        rates = explicit if explicit is not None else (
+            protocols.scored_rates(run) if args.corruption == "missing" else parse_rates(TEST_GRID))
+        same = run.get("data_hash") == data_hash
+        log.info(f"{run_dir.path}: {run['model']} seed {run['seed']} at {args.corruption} {rates} "
+                 f"({'the data it trained on' if same else 'other data than it trained on: scored afresh'})")
+        info: dict = {}
+        per_rate, n = run_metrics(run_dir, run, args.data, rates, args.corruption, args.rescore,
+                                  data_hash=data_hash, info=info, batch_size=args.batch_size)
+        if info.get("reused"):
+            reused.append(str(run_dir.path))
+        labels = labels or info.get("labels") or {}
+        results.append((run, per_rate))
+        n_test.add(n)
+    metrics = combine(results) | {
+        "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test), "corruption": args.corruption,
+        "model": runs[0]["model"], "models": sorted({r["model"] for r in runs}),
+        "protocols": sorted({r["protocol"] for r in runs}), "seeds": sorted({r["seed"] for r in runs}),
+        "runs": [str(d) for d in args.runs], "data": str(args.data), "data_hash": data_hash,
+        "reused_run_metrics": reused, "labels": labels,
+    }
+    write_json_atomic(args.out, metrics)
+    write_csv(args.out.with_suffix(".csv"), metrics)
+    log_summary(metrics, args, len(runs))
+    return metrics
+
+
+def checked_runs(args: argparse.Namespace) -> tuple[list[RunDir], list[dict], list[float] | None]:
+    """(run folders, their configs, the --rates given or None): the runs are finished training runs
+    of one configuration and the data exists (DataError naming what is wrong)."""
+    not_runs = [str(d) for d in args.runs if not RunDir(d).config_path.is_file()]
     if not_runs:
         raise DataError(f"not training run folders (no config.json): {', '.join(not_runs)}; give the -o folders "
                         f"of `msaflow train`")
@@ -344,60 +351,24 @@ def evaluate_runs(args: argparse.Namespace) -> dict:
         explicit = parse_rates(args.rates) if args.rates else None
     except ValueError as exc:
         raise DataError(f"--rates {args.rates!r}: {exc} (give START:STOP:STEP or a comma list)") from exc
-    runs = [json.loads((Path(d) / "config.json").read_text()) for d in args.runs]
+    run_dirs = [RunDir(d) for d in args.runs]
+    runs = [d.config() for d in run_dirs]
     problem = pooling_problem([Path(d) for d in args.runs], runs)
     if problem:
         raise DataError(problem)
-    unfinished = [str(d) for d in args.runs if not (Path(d) / "best.pt").is_file()]
+    unfinished = [str(d.path) for d in run_dirs if not d.best.is_file()]
     if unfinished:
         raise DataError(f"no best.pt in {', '.join(unfinished)}: training has not finished an epoch there; "
                         f"run its `msaflow train` command again (it resumes)")
-    data_hash = data_fingerprint(args.data)
-    log.info(f"scoring {len(runs)} run(s) of {runs[0]['model']} ({runs[0]['protocol']}) on {args.data} "
-             f"(data {data_hash[:12]}) at {args.corruption}")
-    results, n_test, reused, labels = [], set(), [], {}
-    for run_dir, run in zip(args.runs, runs):
-        if explicit is not None:
-            rates = explicit
-        elif args.corruption == "missing":
-            rates = protocols.scored_rates(run)  # per-rate: its rate; lnln: 0.0 ... 0.9; else the dataset's grid
-        else:
-            rates = parse_rates(TEST_GRID)
-        same = run.get("data_hash") == data_hash
-        log.info(f"{run_dir}: {run['model']} seed {run['seed']} at {args.corruption} {rates} "
-                 f"({'the data it trained on' if same else 'other data than it trained on: scored afresh'})")
-        info: dict = {}
-        per_rate, n = run_metrics(Path(run_dir), args.data, rates, args.corruption, args.rescore,
-                                  data_hash=data_hash, info=info, batch_size=args.batch_size)
-        if info.get("reused"):
-            reused.append(str(run_dir))
-        labels = labels or info.get("labels") or {}
-        results.append((run, per_rate))
-        n_test.add(n)
-    metrics = combine(results)
-    metrics.update({
-        "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test),
-        "corruption": args.corruption,
-        "model": runs[0]["model"],
-        "models": sorted({r["model"] for r in runs}),
-        "protocols": sorted({r["protocol"] for r in runs}),
-        "seeds": sorted({r["seed"] for r in runs}),
-        "runs": [str(d) for d in args.runs],
-        "data": str(args.data),
-        "data_hash": data_hash,
-        "reused_run_metrics": reused,
-        "labels": labels,
-    })
-    write_json_atomic(args.out, metrics)
-    write_csv(args.out.with_suffix(".csv"), metrics)
+    return run_dirs, runs, explicit
+
+
+def log_summary(metrics: dict, args: argparse.Namespace, n_runs: int) -> None:
     for r, m in metrics["rates"].items():
         log.info(f"{args.corruption} {r:>5}: MAE {m['MAE']:.3f}  Corr {m['Corr'] or float('nan'):.3f}  "
                  f"Acc-2 {m.get('Acc-2_non0') or float('nan'):.1f}")
-    if "AUILC" in metrics:
-        log.info(f"AUILC: {({k: None if v is None else round(v, 3) for k, v in metrics['AUILC'].items()})}")
-    if "AVG" in metrics:
-        log.info(f"mean over rates {metrics['AVG_rates']}: "
-                 f"{({k: None if v is None else round(v, 3) for k, v in metrics['AVG'].items()})}")
+    for key, what in (("AUILC", "AUILC"), ("AVG", f"mean over rates {metrics.get('AVG_rates')}")):
+        if key in metrics:
+            log.info(f"{what}: {({k: None if v is None else round(v, 3) for k, v in metrics[key].items()})}")
     log.info(f"wrote {args.out} and {args.out.with_suffix('.csv').name}: {metrics['model']} "
-             f"({', '.join(metrics['protocols'])}), {len(runs)} run(s), on {args.data} (data {data_hash[:12]})")
-    return metrics
+             f"({', '.join(metrics['protocols'])}), {n_runs} run(s), on {args.data} (data {metrics['data_hash'][:12]})")

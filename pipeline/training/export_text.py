@@ -11,30 +11,27 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
+
+from msaflow.pipeline.data.sources import DataError
+from msaflow.pipeline.training.run_dir import RunDir
 
 ENCODER_PREFIX = "text_encoder.model."  # TextEncoder.model inside every registered model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-class ExportError(Exception):
-    pass
+class ExportError(DataError):
+    """The run has no fine-tuned encoder to export (a user error: one line, exit status 2)."""
 
 
 def encoder_state(run_dir: Path) -> tuple[dict, str]:
     """(the encoder's state dict from best.pt, the text model the run started from)."""
-    import torch
-
-    config_path, best_path = run_dir / "config.json", run_dir / "best.pt"
-    if not config_path.is_file() or not best_path.is_file():
-        raise ExportError(f"{run_dir}: not a finished training run (needs config.json and best.pt)")
-    run = json.loads(config_path.read_text())
-    model_cfg = run["model_config"]
+    run = RunDir(run_dir).require_finished()
+    model_cfg = run.config()["model_config"]
     if model_cfg.get("freeze_text"):
         raise ExportError(f"{run_dir}: the run kept its text encoder frozen; there is nothing fine-tuned to export")
-    state = torch.load(best_path, map_location="cpu", weights_only=True)
+    state = run.weights()
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     if not encoder:
         raise ExportError(f"{run_dir}/best.pt: no text encoder weights (no '{ENCODER_PREFIX}*' keys)")
@@ -76,10 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        out = export_text_encoder(args.run, args.out)
-    except ExportError as exc:
-        print(f"msaflow export-text: error: {exc}", file=sys.stderr)
-        return 2
+    out = export_text_encoder(args.run, args.out)  # a DataError is one line and exit status 2 (msaflow.pipeline.cli)
     print(f"text encoder of {args.run} written to {out}; train on top of it with --text-model {out}")
     return 0

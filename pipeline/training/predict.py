@@ -13,8 +13,13 @@ the training run's `extract.asr` settings, or the default recogniser when the ru
 and the output says which it used (`text_source`: given, recognised, or none). `--no-asr`, or a
 recogniser that is not installed (a warning says how to install it), leaves the text missing.
 
+Many clips: `msaflow predict FOLDER` (every video under it) or `--manifest CSV` scores each clip
+with the model and front-ends loaded once (`Run`, also `msaflow.load_run`) and writes one CSV
+row per clip (pipeline/training/clip_lists.py); a clip that cannot be used gets its reason in
+`error` and the others go on.
+
 Where the settings come from: the checkpoint is a training run directory (`config.json`
-+ `best.pt`), or a `.pt` state dict with that `config.json` beside it. `config.json`
++ `best.pt`), or a `.pt` state dict with that `config.json` beside it (read by `RunDir`). `config.json`
 holds the model name and `model_config` (as `msaflow train` writes it) and, for runs
 trained from shards, `extract`: the extraction section the shards were made with (mode,
 front-ends, fps, face size, ...). `--extract-config` (the workflow YAML or an extract
@@ -29,16 +34,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_UNUSABLE = 2
+from msaflow.pipeline.data.sources import DataError
+from msaflow.pipeline.training.clip_lists import PREDICTION_COLUMNS, clips_of_folder, clips_of_manifest, write_predictions
+from msaflow.pipeline.training.options import DEVICES
+from msaflow.pipeline.training.run_dir import RunDir
+
+log = logging.getLogger("msaflow.predict")
 
 
-class UnusableInput(Exception):
-    """The video (or the checkpoint) cannot be used; the message names the file and why."""
+class UnusableInput(DataError):
+    """The video (or the checkpoint) cannot be used; the message names the file and why (a user
+    error: one line and exit status 2)."""
 
 
 @dataclass
@@ -95,57 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extract-config", type=Path,
                    help="YAML with the extraction settings (an `extract:` section or the section itself); "
                         "default: the ones recorded in the run's config.json")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: the GPU when there is one")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-# ---------------------------------------------------------------- checkpoint
-
-
-def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(config.json, weights .pt) of a run directory or a weights file."""
-    if path.is_dir():
-        config, weights = path / "config.json", path / "best.pt"
-    else:
-        config, weights = path.parent / "config.json", path
-    for f in (config, weights):
-        if not f.is_file():
-            raise UnusableInput(f"{path}: not a usable checkpoint ({f.name} not found; expected a training run "
-                                f"directory with config.json and best.pt)")
-    return config, weights
-
-
-def load_model(config_path: Path, weights_path: Path, device: str):
-    """(run config dict, model in eval mode on `device`)."""
-    import torch
-
-    from msaflow.model.config import ModelConfig
-    from msaflow.model.registry import build_model
-
-    try:
-        run = json.loads(config_path.read_text())
-        name, model_cfg = run["model"], ModelConfig.from_dict(run["model_config"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UnusableInput(f"{config_path}: not a training run config ({exc})") from exc
-    if name == "end-to-end":
-        import msaflow.model.end_to_end  # noqa: F401  (registers "end-to-end")
-    model = build_model(name, model_cfg)
-    import pickle
-
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # a pickled object (e.g. a whole model), not a state dict
-        raise UnusableInput(f"{weights_path}: holds pickled Python objects, not a state dict of weights; msaflow "
-                            f"loads weights only (a pickle runs code when loaded). Use the best.pt that "
-                            f"`msaflow train` wrote, or save model.state_dict()") from exc
-    try:
-        if isinstance(state, dict) and "model" in state and "optimizer" in state:  # last.pt: a full checkpoint
-            state = state["model"]
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        raise UnusableInput(f"{weights_path}: weights do not fit the model of {config_path.name} "
-                            f"({str(exc).splitlines()[0]})") from exc
-    return run, model.to(device).eval()
+# ---------------------------------------------------------------- the run's extraction settings
 
 
 def training_shards(run: dict) -> Path | None:
@@ -169,8 +136,7 @@ def shards_extract_settings(run: dict) -> dict | None:
 
 def extract_config(run: dict, override: Path | None, model_name: str):
     """The extraction settings of the training data; checked against the shards' config hash."""
-    from msaflow.pipeline.config import extract_config_hash
-    from msaflow.pipeline.extraction.extract import ExtractConfig, load_config
+    from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_hash, load_config
 
     if override is not None:
         try:
@@ -241,6 +207,7 @@ def extract_members(video: Path, text: str, start: float | None, end: float | No
 def members_to_batch(members: dict, mode: str, run: dict | None = None) -> dict:
     """A batch of one, collated exactly as the shard loader collates training batches (with the
     run's length caps, when a run is given)."""
+    from msaflow.extractors.audio import STEPS_PER_SECOND
     from msaflow.pipeline.data.lengths import LengthConfig, control_sample
     from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
 
@@ -248,8 +215,9 @@ def members_to_batch(members: dict, mode: str, run: dict | None = None) -> dict:
     arrays = {k: members[k] for k in names}
     if run is not None:
         meta = members["json"]
-        rates = {"vision.npy": meta.get("fps"), "vision_mask.npy": meta.get("fps"), "audio.npy": 100.0,
-                 "fbank.npy": 100.0}
+        audio_rate = float(STEPS_PER_SECOND)  # the fbank / audio feature grid the extractor wrote
+        rates = {"vision.npy": meta.get("fps"), "vision_mask.npy": meta.get("fps"), "audio.npy": audio_rate,
+                 "fbank.npy": audio_rate}
         arrays = control_sample(arrays, mode, LengthConfig.model_validate(run.get("lengths") or {}), rates)
     return collate([Sample("clip", members["json"], arrays, 1.0)], names)
 
@@ -259,12 +227,7 @@ def normalise_like_training(batch: dict, run: dict, mode: str, run_dir: Path) ->
     split while training): the train split itself is never opened here."""
     if mode != "features" or not run.get("zscore", False):
         return batch
-    from msaflow.pipeline.data.sources import DataError, Normaliser
-
-    try:
-        return Normaliser.load(run_dir)(batch)
-    except DataError as exc:
-        raise UnusableInput(str(exc)) from exc
+    return RunDir(run_dir).normaliser()(batch)
 
 
 def with_transcript_settings(cfg, text: str, use_asr: bool = True):
@@ -284,47 +247,145 @@ def with_transcript_settings(cfg, text: str, use_asr: bool = True):
     return cfg.model_copy(update={"asr": asr})
 
 
+# ---------------------------------------------------------------- a loaded run
+
+
+class Run:
+    """A finished training run with its model loaded once; `predict` scores clips with it.
+
+    Clips go through the same extraction as the run's training shards (the settings its
+    config.json records) and the same normalisation; the model (and in features mode the
+    front-ends) stay loaded across calls. `device`: auto, cpu, cuda (msaflow.device)."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", extract_config: str | Path | None = None):
+        self.run_dir = RunDir.of_checkpoint(checkpoint).require_finished()
+        self.dir, self.config_path, self.weights_path = self.run_dir.path, self.run_dir.config_path, \
+            self.run_dir.weights_path
+        self.device = resolved_device(device)
+        self.config = self.run_dir.config()
+        self.model = self.run_dir.build_model(self.config, self.device)
+        self._extract_override = Path(extract_config) if extract_config is not None else None
+        self._extract = None
+        self._frontends = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r}: {self.name}, seed {self.config.get('seed')})"
+
+    @property
+    def name(self) -> str:
+        return self.config["model"]
+
+    @property
+    def metrics(self) -> dict | None:
+        """The run's test metrics (metrics.json), when training finished."""
+        return self.run_dir.metrics()
+
+    def extract_settings(self):
+        """The ExtractConfig of the run's training shards (checked against their config hash when reachable)."""
+        if self._extract is None:
+            if str(self.config.get("data", "")).endswith((".pkl", ".pickle")):
+                raise UnusableInput(f"{self.config_path}: the run trained on an MMSA feature pickle "
+                                    f"({self.config['data']}); its features cannot be computed from a video. "
+                                    f"Train on shards to predict from video.")
+            self._extract = extract_config(self.config, self._extract_override, self.name)
+        return self._extract
+
+    def _frontends_for(self, cfg):
+        if cfg.mode != "features":
+            return None
+        if self._frontends is None:
+            from msaflow.extractors import frontends as fe
+
+            self._frontends = fe.build(fe.parse_spec(cfg.frontends), self.device)
+        return self._frontends
+
+    def predict(self, video: str | Path, text: str = "", *, start: float | None = None, end: float | None = None,
+                use_asr: bool = True) -> Prediction:
+        """The Prediction of one clip (score, face frames, audio and text presence)."""
+        import torch
+
+        video = Path(video)
+        check_video(video)
+        cfg = with_transcript_settings(self.extract_settings(), text, use_asr)
+        members = extract_members(video, text, start, end, cfg, self.device, frontends=self._frontends_for(cfg))
+        batch = normalise_like_training(members_to_batch(members, cfg.mode, self.config), self.config, cfg.mode,
+                                        self.dir)
+        batch = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.no_grad():
+            score = float(self.model(batch)["pred"][0])
+        meta = members["json"]
+        return Prediction(video=str(video), score=score, n_frames=int(meta["n_frames"]),
+                          n_face_frames=int(meta["n_face_frames"]), has_audio=bool(meta["has_audio"]),
+                          has_text=bool(meta["has_text"]), text=meta.get("text", text), model=self.name,
+                          mode=cfg.mode, text_source=meta.get("text_source", "given" if text.strip() else "none"),
+                          asr=meta.get("asr"))
+
+    def predict_many(self, clips: Iterable, *, use_asr: bool = True) -> list[dict]:
+        """Score many clips: paths, or dicts with `path` (and optional `id`, `text`, `start`, `end`).
+        One row per clip (PREDICTION_COLUMNS); a clip that cannot be used gets its `error`, the others go on."""
+        rows = []
+        for clip in clips:
+            item = {"path": str(clip)} if isinstance(clip, (str, Path)) else dict(clip)
+            row = {"id": item.get("id") or Path(item["path"]).stem, "path": item["path"]}
+            try:
+                result = self.predict(item["path"], item.get("text") or "", start=item.get("start"),
+                                      end=item.get("end"), use_asr=use_asr)
+            except UnusableInput as exc:
+                row["error"] = " ".join(str(exc).split())
+                log.warning(f"{row['id']}: {row['error']}")
+            else:
+                d = result.to_dict()
+                row |= {k: d.get(k) for k in PREDICTION_COLUMNS if k in d and k not in ("path", "id")}
+                row["error"] = ""
+                log.info(f"{row['id']}: {result.score:+.3f}")
+            rows.append(row)
+        return rows
+
+
+def resolved_device(name: str) -> str:
+    """"cpu" or "cuda:<index>" by the one device rule (msaflow.device); an impossible choice is a user error."""
+    from msaflow.device import resolve_device
+
+    try:
+        return str(resolve_device(name))
+    except (RuntimeError, ValueError) as exc:
+        raise UnusableInput(f"--device {name}: {exc}") from exc
+
+
 def predict(video: Path, checkpoint: Path, text: str = "", *, start: float | None = None, end: float | None = None,
             extract_override: Path | None = None, device: str = "cpu", use_asr: bool = True) -> Prediction:
-    import torch
-
+    """One clip scored with the run at `checkpoint` (a run folder or a weights file beside config.json)."""
     check_video(video)
-    config_path, weights_path = resolve_checkpoint(checkpoint)
-    run, model = load_model(config_path, weights_path, device)
-    if str(run.get("data", "")).endswith((".pkl", ".pickle")):
-        raise UnusableInput(f"{config_path}: the run trained on an MMSA feature pickle ({run['data']}); its "
-                            f"features cannot be computed from a video. Train on shards to predict from video.")
-    cfg = with_transcript_settings(extract_config(run, extract_override, run["model"]), text, use_asr)
-    members = extract_members(video, text, start, end, cfg, device)
-    batch = normalise_like_training(members_to_batch(members, cfg.mode, run), run, cfg.mode, config_path.parent)
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    with torch.no_grad():
-        score = float(model(batch)["pred"][0])
-    meta = members["json"]
-    return Prediction(video=str(video), score=score, n_frames=int(meta["n_frames"]),
-                      n_face_frames=int(meta["n_face_frames"]), has_audio=bool(meta["has_audio"]),
-                      has_text=bool(meta["has_text"]), text=meta.get("text", text), model=run["model"], mode=cfg.mode,
-                      text_source=meta.get("text_source", "given" if text.strip() else "none"), asr=meta.get("asr"))
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    run = Run(checkpoint, device=device, extract_config=extract_override)
+    return run.predict(video, text, start=start, end=end, use_asr=use_asr)
 
 
 def main(args: argparse.Namespace) -> int:
+    """UnusableInput (a DataError) is one line and exit status 2 (msaflow.pipeline.cli)."""
     if args.manifest is not None or args.video is None or args.video.is_dir():  # many clips: a CSV of scores
-        from msaflow.pipeline.api import predict_many_main
-
         return predict_many_main(args)
-    try:
-        result = predict(args.video, args.checkpoint, args.text, start=args.start, end=args.end,
-                         extract_override=args.extract_config, device=_device(args.device), use_asr=not args.no_asr)
-    except UnusableInput as exc:
-        print(f"msaflow predict: error: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
+    result = predict(args.video, args.checkpoint, args.text, start=args.start, end=args.end,
+                     extract_override=args.extract_config, device=args.device, use_asr=not args.no_asr)
     print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))
     return 0
+
+
+def predict_many_main(args: argparse.Namespace) -> int:
+    """`msaflow predict FOLDER` / `msaflow predict --manifest CSV`: every clip scored, a CSV written;
+    exit status 2 when no clip could be used."""
+    if args.manifest is not None and args.video is not None:
+        raise DataError("give a video, a folder of videos or --manifest CSV, not both")
+    if args.manifest is None and args.video is None:
+        raise DataError("give a video, a folder of videos, or --manifest CSV (see `msaflow predict --help`)")
+    clips = clips_of_manifest(args.manifest) if args.manifest is not None else clips_of_folder(args.video)
+    if not clips:
+        raise DataError(f"{args.manifest or args.video}: no clips to score")
+    out = args.out or Path("predictions.csv")
+    run = Run(args.checkpoint, device=args.device, extract_config=args.extract_config)
+    run.extract_settings()  # a run that cannot predict from video says so before the first clip
+    rows = run.predict_many(clips, use_asr=not args.no_asr)
+    write_predictions(out, rows)
+    failed = sum(1 for r in rows if r.get("error"))
+    print(f"scored {len(rows) - failed} of {len(rows)} clip(s) with {run.dir} ({run.name}); "
+          f"{failed} could not be used; wrote {out}")
+    return 2 if failed == len(rows) else 0
