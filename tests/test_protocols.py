@@ -101,7 +101,7 @@ def test_lnln_tests_at_0_to_0_9_and_validates_there():
 
 
 def test_paper_switch_sets_the_released_masks_normalisation_and_selection():
-    from msaflow.pipeline.training.train import RunConfig
+    from msaflow.pipeline.training.run_config import RunConfig
 
     run = RunConfig(data="x.pkl", protocol="per-rate", missing_rate=0.3, valid_rates=[0.0, 0.3],
                     optim_config={"select_on": "l1"}, model_config={"modalities": ["text", "audio"]})

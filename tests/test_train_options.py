@@ -38,7 +38,7 @@ def test_one_owner_of_the_defaults():
     from msaflow.pipeline.config import WorkflowConfig
     from msaflow.pipeline.training.options import DEVICES, EvaluateSection
     from msaflow.pipeline.training.rates import CORRUPTIONS as NAMES
-    from msaflow.pipeline.training.train import RunConfig
+    from msaflow.pipeline.training.run_config import RunConfig
 
     assert WorkflowConfig.model_fields["train"].annotation is TrainSection
     assert WorkflowConfig.model_fields["evaluate"].annotation is EvaluateSection

@@ -110,7 +110,8 @@ class TrainSection(RunSettings):
     mem_mb: PositiveInt = 8000
     model_settings: dict[str, Any] = Field(default_factory=dict,
                                            description="ModelConfig keys over the preset (model/config.py)")
-    optim: dict[str, Any] = Field(default_factory=dict, description="OptimConfig keys over the preset (model/config.py)")
+    optim: dict[str, Any] = Field(default_factory=dict,
+                                  description="OptimConfig keys over the preset (model/config.py)")
     lengths: LengthConfig = Field(default_factory=LengthConfig,
                                   description="per-modality caps on time steps and pooling (pipeline/data/lengths.py)")
 
