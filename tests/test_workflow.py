@@ -95,7 +95,7 @@ def test_a_configfile_replaces_the_default_config(tmp_path):
     stats = job_stats(proc.stdout)
     assert "manifest" not in stats and stats["train"] == len(config["train"]["rates"]) * len(config["train"]["seeds"])
     assert f"results/edited-{tmp_path.name}/report/report.md" in proc.stdout
-    assert "--model emt-dlfr" in proc.stdout and "end-to-end" not in proc.stdout
+    assert "runs/emt-dlfr-per-rate-" in proc.stdout and "end-to-end" not in proc.stdout
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "custom.yaml"])

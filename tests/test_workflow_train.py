@@ -53,7 +53,11 @@ def test_demo_config_plans_training_evaluation_and_report(tmp_path):
     plan = dry_run(path)
     for rule in ("manifest", "shards", "train", "evaluate", "report"):
         assert job_count(plan, rule) == 1, rule
-    assert "--model end-to-end" in plan and "--rates 0.0:1.0:0.1" in plan
+    # the run's options come from the config file's train section, the command names only the seed
+    (train,) = [line for line in plan.splitlines() if "msaflow train " in line]
+    assert "runs/end-to-end-single-model-s0-" in train and train.split("--threads")[1].split(">")[0].split()[1:] == ["--seed", "0"]
+    assert "--config results/" in train and "--model" not in train
+    assert "--rates 0.0:1.0:0.1" in plan
 
 
 @pytest.mark.parametrize("sources", [{}, {"dataset": {"root": "x"}, "pickle": "y.pkl"}])

@@ -83,21 +83,15 @@ def parent(path, levels=1):
 
 
 def training_runs():
-    """Run folder name -> the `msaflow train` arguments of that run (seeds x rates per protocol)."""
+    """Run folder name -> what sets that run apart: `--seed` (and `--missing-rate` for per-rate).
+    Every other option `msaflow train` reads from the config file's `train:` section."""
     t = CFG.train
     rates = t.rates if t.protocol == "per-rate" else [None]
     runs = {}
     for rate in rates:
         for seed in t.seeds:
             name = f"{t.model}-{t.protocol}" + ("" if rate is None else f"-r{rate:g}") + f"-s{seed}"
-            args = f"--model {t.model} --dataset {t.preset} --protocol {t.protocol} --seed {seed}"
-            args += "" if rate is None else f" --missing-rate {rate}"
-            for flag, value in (("--epochs", t.epochs), ("--patience", t.patience),
-                                ("--batch-size", t.batch_size), ("--grad-accum", t.grad_accum)):
-                args += "" if value is None else f" {flag} {value}"
-            args += " --freeze-text" if t.freeze_text else ""
-            args += f" --valid-rates {t.valid_rates}" if t.valid_rates else ""
-            runs[name] = args
+            runs[name] = f"--seed {seed}" + ("" if rate is None else f" --missing-rate {rate}")
     return runs
 
 
