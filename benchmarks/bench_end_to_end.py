@@ -44,7 +44,7 @@ def shared_data() -> Path:
 
 def extract(work: Path, n_clips: int, fps: float, device: str) -> list[Path]:
     from msaflow.extractors.clip import ClipExtractor, ClipJob
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
 
     tars, extractor = [], None
     for i, name in enumerate(GRID[:n_clips]):

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from msaflow.extractors import audio, face, video  # noqa: E402
 from msaflow.extractors.clip import ClipExtractor, ClipJob, StageTimer  # noqa: E402
 from msaflow.extractors.text import tokenize  # noqa: E402
-from msaflow.pipeline.extraction.extract import ExtractConfig  # noqa: E402
+from msaflow.pipeline.extraction.settings import ExtractConfig  # noqa: E402
 from msaflow.tario import write_sample_tar  # noqa: E402
 
 STAGES = ("decode", "verify", "detect", "crop", "fbank", "write")

@@ -15,15 +15,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from msaflow.configfile import canonical_json, load_yaml, read_section  # noqa: F401 (re-read by the Snakefile)
-# extract_config_hash is read from here by the Snakefile and pipeline/training; it lives in
-# pipeline/extraction/settings.py
-from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_hash  # noqa: F401
-from msaflow.pipeline.data.lengths import LengthConfig
+from msaflow.configfile import load_yaml
+from msaflow.pipeline.extraction.settings import ExtractConfig
 from msaflow.datasets.manifest import ManifestConfig
 from msaflow.pipeline.data.shards import ShardsConfig
 from msaflow.pipeline.training.options import EvaluateSection, TrainSection  # the train/evaluate commands' own models

@@ -158,13 +158,13 @@ def test_raw_shards_need_end_to_end(model, tmp_path, capsys):
 
 
 def _extract_settings():
-    from msaflow.pipeline.extraction.extract import ExtractConfig
+    from msaflow.pipeline.extraction.settings import ExtractConfig
 
     return ExtractConfig(mode="features", fps=5.0, detect_every=2, threads=1).model_dump(mode="json")
 
 
 def _stamp(shard_dir: Path, settings: dict, in_index: bool) -> None:
-    from msaflow.pipeline.config import extract_config_hash
+    from msaflow.pipeline.extraction.settings import extract_config_hash
 
     for split in ("train", "valid", "test"):
         path = shard_dir / split / "index.json"

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from msaflow.pipeline.cli import main as cli
-from msaflow.pipeline.extraction.extract import ExtractConfig
+from msaflow.pipeline.extraction.settings import ExtractConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402

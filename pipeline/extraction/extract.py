@@ -30,8 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The settings live in pipeline/extraction/settings.py; pipeline/training and pipeline/api still
-# import ExtractConfig and load_config from here.
 from msaflow.pipeline.extraction.settings import ExtractConfig, load_config
 
 

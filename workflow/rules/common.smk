@@ -11,7 +11,9 @@ import yaml
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
-from msaflow.pipeline.config import WorkflowConfig, canonical_json, extract_config_hash
+from msaflow.configfile import canonical_json
+from msaflow.pipeline.config import WorkflowConfig
+from msaflow.pipeline.extraction.settings import extract_config_hash
 
 # Every shipped config is complete: one given with --configfile replaces config/config.yaml (the demo)
 # instead of being merged into it, so no demo setting leaks into another corpus's run.
