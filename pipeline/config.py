@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from msaflow.configfile import load_yaml
 from msaflow.pipeline.extraction.settings import ExtractConfig
 from msaflow.datasets.manifest import ManifestConfig
-from msaflow.pipeline.data.shards import ShardsConfig
+from msaflow.pipeline.data.shard_plan import ShardsConfig
 from msaflow.pipeline.training.options import EvaluateSection, TrainSection  # the train/evaluate commands' own models
 
 # The workflow's schema file, in the source tree (an installed msaflow has none: use workflow_schema())

@@ -33,7 +33,8 @@ from msaflow.pipeline.extraction.settings import ExtractConfig
 from msaflow.pipeline.extraction.pool import environment_error
 from msaflow.lock import LockError, host_name, lock_path, output_lock
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
-from msaflow.pipeline.data.shards import ShardsConfig, build_shards
+from msaflow.pipeline.data.shard_plan import ShardsConfig
+from msaflow.pipeline.data.shards import build_shards
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_shards import CLIPS, make_extraction  # noqa: E402  (small synthetic clip tars)

@@ -16,7 +16,8 @@ import pytest
 
 from msaflow.pipeline.cli import main as cli_main
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
-from msaflow.pipeline.data.shards import ShardsConfig, build_shards
+from msaflow.pipeline.data.shard_plan import ShardsConfig
+from msaflow.pipeline.data.shards import build_shards
 from msaflow.tario import read_sample_tar, write_sample_tar
 
 FPS, SR, CROP, N_MELS = 5.0, 16000, 16, 80

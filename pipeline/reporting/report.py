@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msaflow.pipeline.data.shards import FAILURE_COLUMNS
+from msaflow.pipeline.data.shard_plan import FAILURE_COLUMNS
 from msaflow.tario import atomic_path, decode_member, iter_tar_members
 
 CURVE_METRICS = ["MAE", "Corr", "Acc-2_non0", "F1_non0", "Acc-7", "Acc-5"]
