@@ -73,7 +73,7 @@ def _names(action: argparse.Action) -> set[str]:
 
 def train(data: str | Path, out: str | Path, *, model: str = "emt-dlfr", config: Any = None, **options) -> "Run":
     """Train a model (`msaflow train`); the run, loaded. `config`: a YAML path or its content as a dict."""
-    from msaflow.pipeline.training import train as command
+    from msaflow.pipeline.training import train_cli as command
 
     args = command_namespace(command, [], {"data": data, "out": out, "model": model, "config": config, **options})
     try:

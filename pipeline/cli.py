@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "decode clips, detect faces, compute fbank/tokens (raw or features mode)"),
     "frontends": ("msaflow.pipeline.extraction.frontends_cli", "list the registered front-ends and their weights"),
     "shards": ("msaflow.pipeline.data.shards", "pack extracted clips into WebDataset shards per split"),
-    "train": ("msaflow.pipeline.training.train", "train EMT-DLFR or a baseline"),
+    "train": ("msaflow.pipeline.training.train_cli", "train EMT-DLFR or a baseline"),
     "evaluate": ("msaflow.pipeline.training.evaluate",
                  "metrics at every missing rate (or noise level) and their AUILC"),
     "predict": ("msaflow.pipeline.training.predict",

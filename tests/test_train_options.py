@@ -22,7 +22,7 @@ def parsed(*argv: str):
 
 
 def options(*argv: str) -> tuple[TrainOptions, list[str]]:
-    from msaflow.pipeline.training.train import options_from_args
+    from msaflow.pipeline.training.train_cli import options_from_args
 
     return options_from_args(parsed(*argv))
 

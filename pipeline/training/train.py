@@ -1,11 +1,11 @@
-"""`msaflow train`: train EMT-DLFR (or any registered model) on shards or on an MMSA feature pickle.
+"""`msaflow train`'s loop: train EMT-DLFR (or any registered model) on shards or on an MMSA feature pickle.
 
-The options and their defaults are pipeline/training/options.py's (flags > the `train:` section of
-a workflow `--config` > defaults). Data come through one path (`msaflow.pipeline.data.sources`):
-shards are streamed batch by batch, each DDP rank reading its own share, and a pickle is read
-whole; audio/vision are z-scored with train statistics fit in one pass and stored in the run
-folder (`normaliser.json`); every sample is capped per modality (`lengths`,
-`msaflow.pipeline.data.lengths`).
+The command line (flags, their checks, the run folder's lock) is pipeline/training/train_cli.py;
+starting or resuming a run folder is pipeline/training/resume.py. Data come through one path
+(`msaflow.pipeline.data.sources`): shards are streamed batch by batch, each DDP rank reading its
+own share, and a pickle is read whole; audio/vision are z-scored with train statistics fit in one
+pass and stored in the run folder (`normaliser.json`); every sample is capped per modality
+(`lengths`, `msaflow.pipeline.data.lengths`).
 
 The loop (`train`), in order: for every batch draw the incomplete view (missing rate r fixed for
 `per-rate`, r ~ U[0, 1] per batch for `single-model`, per sample and modality for `lnln`), loss =
@@ -25,157 +25,36 @@ Every epoch adds a row to `history.csv` (and to a TensorBoard log in `tensorboar
 `tensorboard` is installed).
 
 What the run records (`RunConfig`, config.json) and how it is built from the options and the data:
-pipeline/training/run_config.py. Every check of the arguments, the data and the `--config` YAML
-runs before the run folder is created: a mistake raises DataError (one line, exit status 2) and
-nothing is written.
+pipeline/training/run_config.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from msaflow.contract import MODALITIES
-from msaflow.lock import output_lock
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.model.missing import simulate_missing
-from msaflow.model.registry import available_models, build_model
-from msaflow.pipeline.data.lengths import LengthConfig
-from msaflow.pipeline.data.sources import DataError, Normaliser, PickleSource, data_exists, keep_real, open_source
+from msaflow.model.registry import build_model
+from msaflow.pipeline.data.sources import DataError, Normaliser, PickleSource, keep_real
 from msaflow.pipeline.training import protocols
-from msaflow.pipeline.training.distributed import (DistContext, all_reduce_sum, barrier, cleanup, gather_objects,
-                                                   init_distributed, to_device, wrap_model)
+from msaflow.pipeline.training.distributed import (DistContext, all_reduce_sum, barrier, gather_objects, to_device,
+                                                   wrap_model)
 from msaflow.pipeline.training.evaluate import run_text_cache, score
-from msaflow.pipeline.training.options import (DEVICES, PRESETS, ConfigFile, TrainOptions, did_you_mean,
-                                               flag, merge_options, read_config)
-from msaflow.pipeline.training.rates import PROTOCOLS
-from msaflow.pipeline.training.run_config import ADDED_FIELDS, RunConfig, batches_per_epoch, build_run_config
+from msaflow.pipeline.training.resume import start_or_resume
+from msaflow.pipeline.training.run_config import RunConfig, batches_per_epoch
 from msaflow.pipeline.training.run_dir import RunDir
 from msaflow.pipeline.training.text_cache import COARSE_GRID, split_mask_seed
 
 log = logging.getLogger("msaflow.train")
 PROGRESS_EVERY_S = 60.0  # an in-epoch progress line at most this often when no progress bar is shown
-
-
-STOPPING_RULE = ("max_epochs", "patience")  # may change on resume: no schedule depends on them
-
-
-# ---------------------------------------------------------------- the command line
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags; each defaults to "not given" (its default is TrainOptions')."""
-    def option(name: str, *names: str, **kw) -> None:
-        described = TrainOptions.model_fields[name]
-        text, default = described.description or "", described.default
-        shown = default is not None and default is not False and "default" not in text
-        p.add_argument(*(names or [flag(name)]), dest=name, default=argparse.SUPPRESS,
-                       help=text + (f" (default: {default})" if shown else ""), **kw)
-
-    option("data")
-    option("model")
-    p.add_argument("--list-models", action="store_true", help="print the registered models and exit")
-    option("preset", "--dataset", "--preset", choices=PRESETS)
-    option("protocol", choices=PROTOCOLS)
-    option("missing_rate", type=float)
-    option("seed", type=int)
-    option("mask_seed", type=int)
-    option("out", "-o", "--out", type=Path)
-    option("config", type=Path)
-    for name in ("epochs", "patience", "batch_size", "grad_accum", "complete_share", "threads", "limit", "workers",
-                 "epoch_steps", "bucket", "shuffle_buffer"):
-        option(name, type=float if name == "complete_share" else int)
-    for name in ("freeze_text", "paper", "fixed_train_masks", "no_zscore"):
-        option(name, action="store_true")
-    for name in ("text_model", "valid_rates", "max_steps"):
-        option(name)
-    option("text_cache", type=Path)
-    option("device", choices=DEVICES)
-
-
-def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, ConfigFile]:
-    """The run's options (flags > the --config file's `train:` section > defaults) and that file;
-    a note on stderr for every flag that overrides another value of the section."""
-    given = {k: v for k, v in vars(args).items() if k in TrainOptions.model_fields and v is not None}
-    config = read_config(given.get("config"), DataError)
-    options, notes = merge_options(given, config.section, config.where, DataError)
-    for note in notes:
-        log.warning(note)
-    return options, config
-
-
-def parse_max_steps(spec: str | None, lengths: LengthConfig) -> LengthConfig:
-    if not spec:
-        return lengths
-    updates = {}
-    for item in spec.split(","):
-        name, _, value = item.partition("=")
-        if name.strip() not in MODALITIES or not value.strip().isdigit():
-            raise DataError(f"--max-steps: {item!r} is not MODALITY=STEPS ({', '.join(MODALITIES)})")
-        updates[name.strip()] = getattr(lengths, name.strip()).model_copy(update={"max_steps": int(value)})
-    return LengthConfig.model_validate({**lengths.model_dump(), **{k: v.model_dump() for k, v in updates.items()}})
-
-
-def read_lengths(options: TrainOptions, config: ConfigFile) -> LengthConfig:
-    """The length caps: defaults, then the --config YAML's `lengths:` (or its train section's), then --max-steps."""
-    try:
-        return parse_max_steps(options.max_steps, LengthConfig.model_validate(config.lengths))
-    except ValueError as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{config.where or '--max-steps'}: lengths: {' '.join(str(exc).split())}") from exc
-
-
-def check_arguments(options: TrainOptions, config: ConfigFile) -> LengthConfig:
-    """Everything that can be checked before the data is read or the run folder made; the length caps."""
-    missing = [flag for flag, value in (("--data", options.data), ("-o/--out", options.out)) if value is None]
-    if missing:
-        raise DataError(f"the following arguments are required: {', '.join(missing)} (see `msaflow train --help`)")
-    models = available_models()
-    if options.model not in models:
-        raise DataError(f"unknown model {options.model!r}{did_you_mean(options.model, models)}: "
-                        f"`msaflow train --list-models` lists them ({', '.join(models)})")
-    if options.out.exists() and not options.out.is_dir():
-        raise DataError(f"{options.out}: exists and is not a folder: give -o a run folder")
-    if not data_exists(options.data):
-        raise DataError(f"{options.data}: no such file or folder (--data: a shard folder or an MMSA feature pickle)")
-    return read_lengths(options, config)
-
-
-def main(args: argparse.Namespace) -> int:
-    if getattr(args, "list_models", False):
-        print("\n".join(available_models()))
-        return 0
-    run_training(args)  # a DataError is one line and exit status 2 (msaflow.pipeline.cli)
-    return 0
-
-
-def run_training(args: argparse.Namespace) -> Path:
-    """`msaflow train` with parsed arguments; the run folder. Raises DataError on a user error
-    (before anything is written) and SystemExit when the folder holds another run."""
-    options, config = options_from_args(args)
-    lengths = check_arguments(options, config)
-    torch.set_num_threads(options.threads)
-    ctx = init_distributed(options.device)  # under torchrun: one process per GPU (gloo on CPU)
-    try:
-        source = open_source(options.data, lengths, limit=options.limit, workers=options.workers,
-                             bucket=options.bucket, shuffle_buffer=options.shuffle_buffer)
-        asked = build_run_config(options, source, config)  # every check before the run folder is made
-        # one writer per run folder (DDP: rank 0 holds it for all ranks)
-        with output_lock(options.out, "msaflow train") if ctx.is_main else nullcontext():
-            train(RunDir(options.out), ctx, source, asked)
-    finally:
-        cleanup()
-    return Path(options.out)
 
 
 # ---------------------------------------------------------------- views of a batch
@@ -236,57 +115,6 @@ def mask_generator(run: RunConfig, rank: int) -> torch.Generator:
 def test_batches(source, normalise: Normaliser, split: str = "test"):
     """A fresh pass over a split's batches per call (one per scored rate), one process, no top-up rows."""
     return lambda: (normalise(b) for b in source.batches(split, source.eval_batch_size))
-
-
-# ---------------------------------------------------------------- starting or resuming a run folder
-
-
-def start_or_resume(run_dir: RunDir, asked: RunConfig, main_process: bool) -> RunConfig:
-    """The run to train: `asked` in a new folder, else the folder's own run, which must be the one
-    `asked` describes (SystemExit naming what differs) except for the stopping rule."""
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    if not run_dir.last.is_file():
-        if main_process:
-            run_dir.write_config(asdict(asked))
-        return asked
-    on_disk = run_dir.config()
-    run = RunConfig(**on_disk)
-    changed = changed_settings(asdict(run), asdict(asked), on_disk)
-    if changed:
-        raise SystemExit(f"{run_dir.path} holds a run with other settings ({', '.join(changed)} differ): "
-                         f"resume it with its own command, or train into a new -o folder")
-    new_rule = {k: asked.optim_config[k] for k in STOPPING_RULE if asked.optim_config[k] != run.optim_config[k]}
-    if new_rule:  # no schedule depends on it: a larger --epochs goes on exactly as a longer run would have
-        log.info(f"{run_dir.path}: stopping rule changed on resume: " + ", ".join(
-            f"{k} {run.optim_config[k]} -> {v}" for k, v in new_rule.items()))
-        run = replace(run, optim_config=run.optim_config | new_rule)
-    filled = {k: getattr(asked, k) for k in ADDED_FIELDS if not on_disk.get(k) and getattr(asked, k)}
-    if filled:  # a run folder from before these were recorded
-        run = replace(run, **filled)
-    if (new_rule or filled) and main_process:
-        run_dir.write_config(asdict(run))
-    log.info(f"resuming {run_dir.path} from {run_dir.last.name}")
-    return run
-
-
-def changed_settings(recorded: dict, asked: dict, on_disk: dict) -> list[str]:
-    """The settings `asked` changes on a run folder, besides the stopping rule and machine settings."""
-    def comparable(cfg: dict) -> dict:
-        from msaflow.pipeline.extraction.settings import extract_config_hash
-
-        cfg = dict(cfg)
-        for key in ADDED_FIELDS:  # a run folder written before they were recorded: taken as recorded
-            if not on_disk.get(key):
-                cfg[key] = on_disk.get(key)
-        if cfg.get("extract"):  # the extraction settings by their hash
-            try:
-                cfg["extract"] = extract_config_hash(cfg["extract"])
-            except ValueError:
-                pass
-        return cfg | {"optim_config": {k: v for k, v in cfg["optim_config"].items() if k not in STOPPING_RULE}}
-
-    recorded, wanted = comparable(recorded), comparable(asked)
-    return sorted(k for k, v in recorded.items() if k not in ("threads", "workers") and wanted.get(k) != v)
 
 
 # ---------------------------------------------------------------- the trainer: everything one process holds
