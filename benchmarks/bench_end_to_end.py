@@ -65,7 +65,9 @@ def run_one(name: str, tars: list[Path], batch_size: int, steps: int, device: st
     from msaflow.model.config import for_dataset
     from msaflow.model.end_to_end import EndToEndConfig, build_end_to_end
     from msaflow.pipeline.training.distributed import to_device
-    from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
+    from msaflow.pipeline.data.loader import collate
+    from msaflow.pipeline.data.shard_index import MODE_LAYOUTS
+    from msaflow.pipeline.data.shard_reader import Sample
     from msaflow.tario import read_sample_tar
 
     policy, bf16, ckpt = CONFIGS[name]

@@ -37,7 +37,8 @@ def one_setting(name: str, batch: int, steps: int) -> dict:
     from msaflow.model.missing import simulate_missing
     from msaflow.model.registry import build_model
     from msaflow.pipeline.data.lengths import LengthConfig, control_sample
-    from msaflow.pipeline.data.loader import Sample, collate
+    from msaflow.pipeline.data.loader import collate
+    from msaflow.pipeline.data.shard_reader import Sample
 
     torch.set_num_threads(2)
     cfg = LengthConfig.model_validate(SETTINGS[name])

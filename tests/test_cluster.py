@@ -30,7 +30,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from loader_shards import write_split
-from msaflow.pipeline.data.loader import ShardError, make_loader
+from msaflow.pipeline.data.loader import make_loader
+from msaflow.pipeline.data.shard_index import ShardError
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

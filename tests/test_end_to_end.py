@@ -53,7 +53,9 @@ def _grid_sentence(name: str) -> str:
 
 def raw_batch(members: list[dict]) -> dict:
     """The loader's raw-mode batch for these clips."""
-    from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
+    from msaflow.pipeline.data.loader import collate
+    from msaflow.pipeline.data.shard_index import MODE_LAYOUTS
+    from msaflow.pipeline.data.shard_reader import Sample
 
     samples = [Sample(m["json"]["id"], m["json"], {k: m[k] for k in MODE_LAYOUTS["raw"].members}, 1.0)
                for m in members]

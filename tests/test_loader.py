@@ -15,7 +15,8 @@ import torch
 import webdataset as wds
 from loader_shards import CLS, SEP, write_split
 
-from msaflow.pipeline.data.loader import ShardError, epoch_sequence, make_loader, rank_batches, shuffle_buffer
+from msaflow.pipeline.data.loader import epoch_sequence, make_loader, rank_batches, shuffle_buffer
+from msaflow.pipeline.data.shard_index import ShardError
 
 SHARD_SIZES = [7, 3, 5, 1]  # uneven on purpose; 16 samples
 

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from loader_shards import write_split
 
-from msaflow.pipeline.data.loader import ShardError, SplitIndex, make_loader, read_shard
+from msaflow.pipeline.data.loader import make_loader
+from msaflow.pipeline.data.shard_index import ShardError, SplitIndex
+from msaflow.pipeline.data.shard_reader import read_shard
 
 SIZES = [5, 3]  # train-000000.tar: 5 samples, train-000001.tar: 3
 

@@ -29,8 +29,9 @@ import torch
 
 from msaflow.contract import SEQUENCE_MODALITIES, SPLITS
 from msaflow.pipeline.data.lengths import LengthConfig, control_padded, control_sample
-from msaflow.pipeline.data.loader import ShardError, ShardLocation, SplitIndex, make_loader, shard_location
+from msaflow.pipeline.data.loader import make_loader
 from msaflow.pipeline.data.mmsa_pickle import Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
+from msaflow.pipeline.data.shard_index import ShardError, ShardLocation, SplitIndex, shard_location
 
 NORMALISED = SEQUENCE_MODALITIES  # z-scored per feature; text is token ids
 NORMALISER_FILE = "normaliser.json"
@@ -238,7 +239,7 @@ def data_exists(path: str | Path) -> bool:
 
 def read_index(path: str | Path, split: str) -> dict:
     """The raw `index.json` of one split of a local or remote shard folder (ShardError if unreadable)."""
-    from msaflow.pipeline.data.loader import open_shard_file
+    from msaflow.pipeline.data.shard_index import open_shard_file
 
     location = shard_location(path) / split / "index.json"
     try:

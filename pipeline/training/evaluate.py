@@ -37,7 +37,7 @@ from msaflow.contract import SPLITS, UNK_ID
 from msaflow.model.metrics import MOSI_KEYS, SIMS_KEYS, aggregate, auilc_table, compute_metrics
 from msaflow.model.missing import corrupt
 from msaflow.pipeline.data.lengths import LengthConfig
-from msaflow.pipeline.data.loader import ShardError
+from msaflow.pipeline.data.shard_index import ShardError
 from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, data_exists, is_url, keep_real,
                                            open_source, read_index)
 from msaflow.pipeline.training import protocols

@@ -210,7 +210,9 @@ def members_to_batch(members: dict, mode: str, run: dict | None = None) -> dict:
     run's length caps, when a run is given)."""
     from msaflow.extractors.audio import STEPS_PER_SECOND
     from msaflow.pipeline.data.lengths import LengthConfig, control_sample
-    from msaflow.pipeline.data.loader import MODE_LAYOUTS, Sample, collate
+    from msaflow.pipeline.data.loader import collate
+    from msaflow.pipeline.data.shard_index import MODE_LAYOUTS
+    from msaflow.pipeline.data.shard_reader import Sample
 
     names = tuple(m for m in MODE_LAYOUTS[mode].members if m in members)
     arrays = {k: members[k] for k in names}

@@ -18,7 +18,7 @@ from pathlib import Path
 from msaflow.contract import MODALITIES
 from msaflow.model.config import ModelConfig, OptimConfig, for_dataset
 from msaflow.pipeline.data.lengths import LengthConfig
-from msaflow.pipeline.data.loader import ShardError
+from msaflow.pipeline.data.shard_index import ShardError
 from msaflow.pipeline.data.sources import DataError, PickleSource, is_url, read_index
 from msaflow.pipeline.training import protocols
 from msaflow.pipeline.training.evaluate import data_fingerprint
