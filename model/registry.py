@@ -44,7 +44,8 @@ def _import_model_modules() -> None:
     # registration happens at import; import every module that defines models
     import importlib
 
-    for module in ("msaflow.model.emt", "msaflow.model.dlfr", "msaflow.model.baselines", "msaflow.model.end_to_end"):
+    for module in ("msaflow.model.emt", "msaflow.model.dlfr", "msaflow.model.baselines", "msaflow.model.fusion_heads",
+                   "msaflow.model.dynmm", "msaflow.model.end_to_end"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:  # a module not written yet must not hide the others

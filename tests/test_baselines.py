@@ -220,7 +220,7 @@ def train_gate(model, batch, steps: int = 25) -> None:
 
 
 def test_dynmm_large_lambda_never_uses_the_expensive_expert_and_saves_its_flops(experts, batch):
-    from msaflow.model.baselines import baseline_flops
+    from msaflow.model.dynmm import baseline_flops
 
     penalised = dynmm(experts, dynmm_hard=True, dynmm_lambda=100.0)
     train_gate(penalised, batch)
@@ -245,7 +245,7 @@ def test_dynmm_large_lambda_never_uses_the_expensive_expert_and_saves_its_flops(
 
 
 def test_flops_of_the_text_encoder_match_torchs_flop_counter(experts):
-    from msaflow.model.baselines import module_flops, text_encoder_flops
+    from msaflow.model.dynmm import module_flops, text_encoder_flops
 
     encoder = build_model("text-only", config()).text_encoder
     ids = torch.randint(1000, 2000, (1, 24))
@@ -254,7 +254,7 @@ def test_flops_of_the_text_encoder_match_torchs_flop_counter(experts):
 
 
 def test_dynmm_seeds_pool_in_evaluate_despite_their_own_experts(experts):
-    from msaflow.model.baselines import pooling_view
+    from msaflow.model.dynmm import pooling_view
 
     cfg = config(dynmm_experts=experts).to_dict()
     other = config(dynmm_experts={"cheap": experts["cheap"], "expensive": experts["expensive"] + "-other-seed"}).to_dict()

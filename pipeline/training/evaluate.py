@@ -277,7 +277,7 @@ def pooling_problem(run_dirs: list[Path], runs: list[dict]) -> str | None:
         if run.get("protocol") == "per-rate":  # each run validates at its own rate by default
             cfg.pop("valid_rates", None)
         cfg["optim_config"] = {k: v for k, v in (run.get("optim_config") or {}).items()}
-        from msaflow.model.baselines import pooling_view
+        from msaflow.model.dynmm import pooling_view
 
         cfg["model_config"] = pooling_view(run.get("model_config") or {})  # DynMM: experts of each seed
         return cfg
