@@ -38,7 +38,7 @@ import torch  # before decord (see extractors/video.py)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from msaflow.extractors import audio, face, video  # noqa: E402
+from msaflow.extractors import audio, face, video, video_checks  # noqa: E402
 from msaflow.extractors.clip import ClipExtractor, ClipJob, StageTimer  # noqa: E402
 from msaflow.extractors.text import tokenize  # noqa: E402
 from msaflow.pipeline.extraction.settings import ExtractConfig  # noqa: E402
@@ -132,7 +132,7 @@ def speed(args) -> None:
             for job in jobs:
                 for name in variants:  # interleaved per clip, so load changes hit every variant alike
                     out = Path(tmp) / f"{rep}-{list(variants).index(name)}"
-                    video.TailCheck._verdicts.clear()  # every variant checks the file anew
+                    video_checks.TailCheck._verdicts.clear()  # every variant checks the file anew
                     totals = results.setdefault(name, defaultdict(float))
                     t0 = time.perf_counter()
                     for stage, s in _run_one(name, variants[name], job, naive, extractors, base, out).items():

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from msaflow.extractors import frontends as F  # noqa: E402
 from msaflow.extractors.clip import ClipExtractor, ClipJob  # noqa: E402
-from msaflow.extractors.video import TailCheck  # noqa: E402
+from msaflow.extractors.video_checks import TailCheck  # noqa: E402
 from msaflow.pipeline.extraction.settings import ExtractConfig  # noqa: E402
 from msaflow.tario import read_sample_tar  # noqa: E402
 

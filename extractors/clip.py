@@ -7,6 +7,10 @@ clip's crops are written to an on-disk .npy as they are cut and the tar writer s
 so a long clip never holds its frames or crops in memory. When the whole clip fits in one
 chunk it is decoded once and its crops stay in memory. The truncation check (ffprobe on
 the file's end) runs in a child process meanwhile.
+
+One module: the stages of `ClipExtractor` (decode, detect, crop, fbank, text, write) share one
+clip's reader, scratch folder, `StageTimer` and `_Checks`, and the helpers above it serve only
+those stages; split, each piece would take them all as arguments.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msaflow.extractors import audio, face, video
+from msaflow.extractors import audio, face, video, video_checks
 from msaflow.extractors.video import DecodeError
 
 STAGES = ("decode", "detect", "crop", "fbank", "text", "write")
@@ -105,8 +109,8 @@ def _segment(job: ClipJob, info: video.VideoInfo | None, audio_end: float | None
 class _Checks:
     """The ffprobe checks that run in child processes beside a clip's extraction (extractors/video.py)."""
 
-    tail: video.TailCheck | None = None  # the file's end: cut short or damaged?
-    segment: video.SegmentCheck | None = None  # the clip's segment of the video stream
+    tail: video_checks.TailCheck | None = None  # the file's end: cut short or damaged?
+    segment: video_checks.SegmentCheck | None = None  # the clip's segment of the video stream
 
     def damage(self, timer: StageTimer) -> str | None:
         """Waits for both: DecodeError for a file cut short (a failure); why the clip's video is
@@ -267,7 +271,7 @@ class ClipExtractor:
         n_frames = video.n_output_frames(duration, cfg.fps)
         wav, lead = _clip_audio(track, duration)
         if info is not None:
-            checks.segment = video.SegmentCheck(job.path, info, start, end)  # runs meanwhile
+            checks.segment = video_checks.SegmentCheck(job.path, info, start, end)  # runs meanwhile
             info = _hold_still_picture(info, end)
         faces, vision_mask = self._checked_faces(reader, info, start, n_frames, wav, lead, scratch, timer, checks,
                                                  notes)
@@ -302,7 +306,7 @@ class ClipExtractor:
         truncation check."""
         with timer("decode"):
             reader, info, video_error = _open_video(job.path, self.cfg)
-            checks.tail = video.TailCheck(job.path, info) if info is not None else None  # runs meanwhile
+            checks.tail = video_checks.TailCheck(job.path, info) if info is not None else None  # runs meanwhile
             track, audio_error = _decode_audio(job, info)
         _check_usable(info, track, video_error, audio_error)
         notes = [{"kind": kind, "reason": error.reason}  # what was dropped (counted in the chunk summary)

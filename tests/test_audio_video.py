@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchaudio.compliance.kaldi import fbank as kaldi_fbank
 
-from msaflow.extractors import audio, video
+from msaflow.extractors import audio, video, video_checks
 from msaflow.extractors.video import DecodeError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -132,7 +132,7 @@ def test_a_file_cut_short_is_rejected_every_time(shared_data, tmp_path, fraction
     for path in (mpg, mp4, mkv):
         for _ in range(3):
             with pytest.raises(DecodeError) as err:
-                video.check_intact(path, video.open_video(path)[1])
+                video_checks.check_intact(path, video.open_video(path)[1])
             assert (err.value.stage, "truncated or damaged" in err.value.reason) == ("decode_video", True) \
                 or (err.value.stage, "cannot read the container" in err.value.reason) == ("open", True), err.value
 
@@ -141,4 +141,4 @@ def test_a_file_cut_short_is_rejected_every_time(shared_data, tmp_path, fraction
 def test_intact_files_pass_the_truncation_check(shared_data, tmp_path, clip):
     for path in (shared_data / clip, media.make_faststart(shared_data / clip, tmp_path / "faststart.mp4"),
                  media.make_remuxed(shared_data / clip, tmp_path / "whole.mkv")):
-        video.check_intact(path, video.open_video(path)[1])  # raises when rejected
+        video_checks.check_intact(path, video.open_video(path)[1])  # raises when rejected

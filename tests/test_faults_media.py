@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msaflow.extractors import audio, face, video
+from msaflow.extractors import audio, face, video, video_checks
 from msaflow.datasets.manifest import MANIFEST_COLUMNS, MAX_KEY_LENGTH, build_manifest, sanitize_key
 from msaflow.tario import read_sample_tar
 
@@ -134,17 +134,17 @@ def test_damaged_audio_packets_raise_an_audio_only_error_in_plain_words(made):
     assert not INTERNALS.search(err.value.reason), err.value.reason
     reader, info = video.open_video(made["bad_audio"])  # the video stream is intact
     assert info.n_source_frames == 75
-    assert video.SegmentCheck(made["bad_audio"], info, 0.0, 3.0).reason() is None
+    assert video_checks.SegmentCheck(made["bad_audio"], info, 0.0, 3.0).reason() is None
 
 
 def test_damaged_video_packets_in_the_middle_are_found(made, shared_data):
     _, info = video.open_video(made["bad_video"])  # decord hides the damage
-    reason = video.SegmentCheck(made["bad_video"], info, 0.0, 3.0).reason()
+    reason = video_checks.SegmentCheck(made["bad_video"], info, 0.0, 3.0).reason()
     assert reason is not None and "damaged" in reason and not INTERNALS.search(reason)
-    video.check_intact(made["bad_video"], info)  # its end is fine: not a file cut short
+    video_checks.check_intact(made["bad_video"], info)  # its end is fine: not a file cut short
     _, good = video.open_video(shared_data / GRID)
-    assert video.SegmentCheck(shared_data / GRID, good, 0.0, 3.0).reason() is None
-    assert video.SegmentCheck(shared_data / GRID, good, 1.1, 2.4).reason() is None  # a seek is no damage
+    assert video_checks.SegmentCheck(shared_data / GRID, good, 0.0, 3.0).reason() is None
+    assert video_checks.SegmentCheck(shared_data / GRID, good, 1.1, 2.4).reason() is None  # a seek is no damage
 
 
 def test_late_audio_is_not_marked_present_over_its_padding(made):
