@@ -22,6 +22,10 @@ Memory: frames go through a front-end in time chunks (`chunk_frames`), optionall
 activation checkpointing (`checkpoint`), so a long clip does not hold every frame's
 activations at once; `bf16` runs front-ends and fusion under bfloat16 autocast (CPU or
 GPU); losses are computed in float32.
+
+One module: the policies, front-end chunking, bf16 checks and raw missing-feature simulation are
+all parts of `EndToEnd` and read with it; only the config classes could stand apart, and they
+only mean something beside the model they configure.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ from outside) are never recorded against a clip: the run stops with one line nam
 and the problem, and a rerun retries the clip. One process per chunk: `.msaflow-extract-K-of-N.lock`
 (msaflow/lock.py); scratch files live in a folder of the process (`tmp/<pid>@<host>/`). On
 resume every finished tar's index is checked; a damaged one is extracted again.
+
+One module: the manifest reading, resume, signal handling, `_Tally` and summary below all serve
+one run of one chunk (its lock and scratch folder) and are called only from `run` and `main`; the
+worker processes are already apart (pool.py).
 """
 
 from __future__ import annotations
