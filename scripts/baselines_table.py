@@ -38,6 +38,7 @@ MODEL_NOTES = {
     "dynmm": "DynMM as released, soft gate, lambda 0.01; experts = the text-only and late-fusion runs of the same "
              "seed, frozen; gate = MLP over pooled inputs (released: a Transformer over aligned inputs)",
     "dynmm-hard": "as dynmm, straight-through hard gate (released --hard-gate)",
+    "emt-dlfr": "EMT-DLFR as released (the fusion core matches the released EMT to about 1e-6 on copied weights)",
 }
 
 
