@@ -118,14 +118,26 @@ def describe_frontends(spec: str) -> dict:
     return frontends.describe(frontends.build(spec))
 
 
+def shard_folder_lock(extract_dir: Path, out_dir: Path):
+    """The lock of `out_dir`: one writer per shard folder (LockError when another process writes
+    there); a lock file left by a killed run is taken over."""
+    return output_lock(out_dir, f"msaflow shards {extract_dir} -o {out_dir}")
+
+
 def build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig, config_hash: str,
                  *args, **kwargs) -> dict:
-    """`_build_shards` holding the lock of `out_dir` (one writer per shard folder; LockError
-    when another process writes there). Temp files of dead processes are removed first."""
-    with output_lock(out_dir, f"msaflow shards {extract_dir} -o {out_dir}"):
-        for folder in (out_dir, *(out_dir / split for split in SPLITS)):
-            remove_stale_temp(folder)
-        return _build_shards(extract_dir, manifest, out_dir, cfg, config_hash, *args, **kwargs)
+    """`build_shards_locked` holding the lock of `out_dir`."""
+    with shard_folder_lock(extract_dir, out_dir):
+        return build_shards_locked(extract_dir, manifest, out_dir, cfg, config_hash, *args, **kwargs)
+
+
+def build_shards_locked(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig, config_hash: str,
+                        *args, **kwargs) -> dict:
+    """`_build_shards` for a caller that holds the lock of `out_dir`; temp files of dead
+    processes are removed first."""
+    for folder in (out_dir, *(out_dir / split for split in SPLITS)):
+        remove_stale_temp(folder)
+    return _build_shards(extract_dir, manifest, out_dir, cfg, config_hash, *args, **kwargs)
 
 
 def _build_shards(extract_dir: Path, manifest: Path, out_dir: Path, cfg: ShardsConfig,
@@ -227,9 +239,9 @@ def main(args: argparse.Namespace) -> int:
         if not (args.extract_dir / "clips").is_dir() and not (args.extract_dir / "failures").is_dir():
             raise ShardsError(f"{args.extract_dir}: no clips/ or failures/ folder: not an extraction output")
         config_hash = extract_config_hash(used)
-        # Under the folder's lock like a build: it takes over (and then removes) the lock file a
-        # run killed during the clip removal left behind.
-        with output_lock(args.output, f"msaflow shards {args.extract_dir} -o {args.output}"):
+        # Both ways under one hold of the folder's lock: keeping finished shards too takes over
+        # (and then removes) the lock file a run killed during the clip removal left behind.
+        with shard_folder_lock(args.extract_dir, args.output):
             summary = packed_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash)
             if summary is not None:  # clip tars were removed after packing: the shards are complete, keep them
                 print(f"shards in {args.output} are complete for this manifest and config; the clip tars were "
@@ -238,16 +250,16 @@ def main(args: argparse.Namespace) -> int:
                     record = json.loads((args.extract_dir / PACKED_RECORD).read_text(encoding="utf-8"))
                     removed, freed = _unlink_clips(args.extract_dir, record["clips"])
                     print(f"removed the {removed} packed clip tar(s) left ({freed / 1e6:.1f} MB)", file=sys.stderr)
-        if summary is None:
-            clips = args.extract_dir / "clips"
-            before = sum(p.stat().st_size for p in clips.glob("*.tar")) if args.remove_packed else 0
-            summary = build_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash,
-                                   used.get("frontends"), remove_packed=args.remove_packed,
-                                   extract_settings=used)
-            if args.remove_packed:
-                after = sum(p.stat().st_size for p in clips.glob("*.tar"))
-                print(f"removed the packed clip tars ({(before - after) / 1e6:.1f} MB); "
-                      f"{args.extract_dir / PACKED_RECORD} lists them", file=sys.stderr)
+            else:
+                clips = args.extract_dir / "clips"
+                before = sum(p.stat().st_size for p in clips.glob("*.tar")) if args.remove_packed else 0
+                summary = build_shards_locked(args.extract_dir, args.manifest, args.output, cfg, config_hash,
+                                              used.get("frontends"), remove_packed=args.remove_packed,
+                                              extract_settings=used)
+                if args.remove_packed:
+                    after = sum(p.stat().st_size for p in clips.glob("*.tar"))
+                    print(f"removed the packed clip tars ({(before - after) / 1e6:.1f} MB); "
+                          f"{args.extract_dir / PACKED_RECORD} lists them", file=sys.stderr)
     except (ShardsError, ValueError) as exc:
         print(f"msaflow shards: error: {exc}", file=sys.stderr)
         return 2
