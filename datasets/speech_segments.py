@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from msaflow.device import DEVICES
+
 SENTENCE_END = (".", "?", "!")
 MIN_UTTERANCE_S = 0.3
 
@@ -143,7 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad", type=float, default=0.2, help="padding around the words, s")
     p.add_argument("--recogniser", default="whisper-tiny-en")
     p.add_argument("--model-dir", help="model folder (default: the packaged one)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int, default=0, help="CPU threads of the recogniser (0: its default)")
     p.add_argument("--force", action="store_true", help="overwrite an existing segments CSV")
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    import torch
+
+# The choices of every `--device` and config `device:` field. Importing this module costs no
+# torch (config models and argument parsers read DEVICES); resolving a device imports it.
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+def resolve_device(name: str = "auto", local_rank: int = 0) -> "torch.device":
     """`auto`: this process's GPU (`local_rank`, torchrun's LOCAL_RANK) when CUDA is available,
     else the CPU; `cuda` without CUDA is an error rather than a silent fall-back."""
+    import torch
+
     if name not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from msaflow.device import DEVICES
 from msaflow.pipeline.extraction.settings import ExtractConfig, load_config
 
 
@@ -110,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=parse_chunk, default=(1, 1), metavar="K/N",
                    help="process the K-th (1-based) of N interleaved chunks of the manifest")
     p.add_argument("--frontends", help="features mode, e.g. face=fer,audio=crepe-tiny,text=minilm")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--asr", metavar="RECOGNISER", help="recognise the speech of clips without a transcript, e.g. "
                    "whisper-tiny-en ('off' turns the config's off; more settings: extract.asr in --config)")
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from msaflow.configfile import canonical_json, load_yaml, read_section
+from msaflow.device import DEVICES
 from msaflow.extractors.asr import AsrConfig
 from msaflow.extractors.asr import output_settings as asr_output_settings
 
@@ -26,7 +27,7 @@ class ExtractConfig(BaseModel):
     mode: Literal["raw", "features"] = "raw"
     frontends: str = Field("face=fer,audio=crepe-tiny,text=minilm",
                            description="features mode: modality=front-end pairs")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     threads: int = Field(1, ge=0, description="torch threads in the worker (0 = torch's default); scale out "
                          "with parallel jobs instead: MTCNN's small convolutions gain little from threads")
     fps: float = Field(25.0, gt=0, description="output frame rate")

@@ -30,12 +30,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
+from msaflow.device import DEVICES
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.pipeline.training.rates import CORRUPTIONS, PROTOCOLS, TEST_GRID
 
 PRESETS = ("mosi", "mosei", "sims")
-DEVICES = ("auto", "cpu", "cuda")  # msaflow.device.DEVICES (that module imports torch)
 FLAG_NAMES = {"preset": "--dataset"}  # option -> its flag, where the flag is not the name with - for _
 PLAIN_SECTIONS = ("model", "optim", "lengths", "extract")
 

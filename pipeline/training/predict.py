@@ -44,7 +44,7 @@ from pathlib import Path
 from msaflow.pipeline.data.sources import DataError
 from msaflow.pipeline.training.clip_lists import (PREDICTION_COLUMNS, clips_of_folder, clips_of_manifest,
                                                   write_predictions)
-from msaflow.pipeline.training.options import DEVICES
+from msaflow.device import DEVICES
 from msaflow.pipeline.training.run_dir import RunDir
 
 log = logging.getLogger("msaflow.predict")

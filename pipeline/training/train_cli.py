@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from msaflow.contract import MODALITIES
+from msaflow.device import DEVICES
 from msaflow.lock import output_lock
 from msaflow.model.registry import available_models
 from msaflow.pipeline.data.lengths import LengthConfig
 from msaflow.pipeline.data.sources import DataError, data_exists, open_source
 from msaflow.pipeline.training.distributed import cleanup, init_distributed
-from msaflow.pipeline.training.options import (DEVICES, PRESETS, ConfigFile, TrainOptions, did_you_mean,
+from msaflow.pipeline.training.options import (PRESETS, ConfigFile, TrainOptions, did_you_mean,
                                                flag, merge_options, read_config)
 from msaflow.pipeline.training.rates import PROTOCOLS
 from msaflow.pipeline.training.run_config import build_run_config
