@@ -42,7 +42,7 @@ from msaflow.pipeline.data.sources import (DataError, Normaliser, PickleSource, 
                                            open_source, read_index)
 from msaflow.pipeline.training import protocols
 from msaflow.pipeline.training.distributed import to_device
-from msaflow.pipeline.training.rates import CORRUPTIONS, TEST_GRID, parse_rates, rate_key
+from msaflow.pipeline.training.rates import CORRUPTIONS, LNLN_GRID, TEST_GRID, parse_rates, rate_key
 from msaflow.pipeline.training.run_dir import RunDir
 from msaflow.tario import atomic_path, write_json_atomic
 
@@ -224,7 +224,7 @@ def combine(results: list[tuple[dict, dict]]) -> dict:
     average = protocols.rate_average(out["rates"])  # the lnln summary: mean over r = 0.0 ... 0.9
     if average is not None:
         out["AVG"] = average
-        out["AVG_rates"] = protocols.LNLN_TEST_GRID
+        out["AVG_rates"] = LNLN_GRID
         per_seed = [a for a in (protocols.rate_average(pr) for pr in by_seed.values()) if a is not None]
         if per_seed:
             out["AVG_std"] = aggregate(per_seed)["std"]

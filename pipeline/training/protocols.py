@@ -39,9 +39,9 @@ import torch
 
 from msaflow.model.config import OptimConfig, max_rate, rate_grid
 from msaflow.model.missing import present_modalities
-from msaflow.pipeline.training.rates import LNLN_GRID, PROTOCOLS, parse_rates, rate_key  # noqa: F401
+from msaflow.pipeline.training.rates import LNLN_GRID, parse_rates, rate_key
 
-LNLN_TEST_GRID = LNLN_VALID_GRID = LNLN_GRID
+
 RELEASED = {"text_model": "bert-base-uncased (fine-tuned)", "grad_accum": 4, "patience": 8, "batch_size": None}
 
 
@@ -55,7 +55,7 @@ def scored_rates(run) -> list[float]:
     if protocol == "per-rate":
         return [_get(run, "missing_rate")]
     if protocol == "lnln":
-        return parse_rates(LNLN_TEST_GRID)
+        return parse_rates(LNLN_GRID)
     return parse_rates(rate_grid(_get(run, "dataset", "mosi")))
 
 
@@ -63,7 +63,7 @@ def default_valid_rates(protocol: str, dataset: str, missing_rate: float) -> lis
     if protocol == "per-rate":
         return [missing_rate]
     if protocol == "lnln":
-        return parse_rates(LNLN_VALID_GRID)
+        return parse_rates(LNLN_GRID)
     return parse_rates(f"0.0:{max_rate(dataset)}:0.2")  # MOSI/MOSEI: 0.0:1.0:0.2
 
 
@@ -225,7 +225,7 @@ def run_settings(run) -> dict:
 
 # ---------------------------------------------------------------- the lnln summary
 
-def rate_average(per_rate: dict, grid: str = LNLN_TEST_GRID) -> dict | None:
+def rate_average(per_rate: dict, grid: str = LNLN_GRID) -> dict | None:
     """Mean over the rates of `grid` (lnln: 0.0 ... 0.9) of every metric of `{rate: metrics}`, or
     None when a rate of the grid is missing; undefined values (None) are left out of the mean."""
     keys = [rate_key(r) for r in parse_rates(grid)]
