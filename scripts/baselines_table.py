@@ -39,6 +39,7 @@ MODEL_NOTES = {
              "seed, frozen; gate = MLP over pooled inputs (released: a Transformer over aligned inputs)",
     "dynmm-hard": "as dynmm, straight-through hard gate (released --hard-gate)",
     "emt-dlfr": "EMT-DLFR as released (the fusion core matches the released EMT to about 1e-6 on copied weights)",
+    "emt": "EMT-DLFR without the restoration losses (DLFR off), the same fusion core",
 }
 
 
@@ -166,12 +167,23 @@ def protocol_section(protocol: str, results: dict[str, dict], walls: dict) -> li
         out += ["", "Wall time of each training run (train + validation + test scoring; runs side by side on the shared "
                 "2-core machine at nice 15, so these are not benchmarks):", ""]
         for m in main:
-            out.append(f"- {m}: " + (", ".join(walls[protocol].get(m, [])) or "not recorded"))
+            out.append(f"- {m}: " + wall_line(walls[protocol].get(m, [])))
     return out + [""]
 
 
+def wall_line(runs: list[tuple[str, int]]) -> str:
+    """Each run's seconds, or for many runs (per-rate: seeds x rates) their range and sum."""
+    if not runs:
+        return "not recorded"
+    if len(runs) <= 6:
+        return ", ".join(f"seed {seed}: {seconds} s" for seed, seconds in runs)
+    seconds = [s for _, s in runs]
+    return f"{len(runs)} runs, {min(seconds)}-{max(seconds)} s each, {sum(seconds)} s in all"
+
+
 def read_walls(path: Path | None) -> dict:
-    walls: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    """protocol -> model -> [(seed, or "seed rRATE" for per-rate runs, seconds)]."""
+    walls: dict[str, dict[str, list[tuple[str, int]]]] = defaultdict(lambda: defaultdict(list))
     if path and path.is_file():
         with path.open() as f:
             for row in csv.reader(f, delimiter="\t"):
@@ -179,7 +191,7 @@ def read_walls(path: Path | None) -> dict:
                     protocol, model, seed, seconds = row
                 else:  # an older two-column layout: model, seed, seconds
                     (model, seed, seconds), protocol = row, "single-model"
-                walls[protocol][model].append(f"seed {seed}: {int(seconds)} s")
+                walls[protocol][model].append((seed, int(seconds)))
     return walls
 
 
@@ -187,7 +199,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path)
     p.add_argument("--wall", type=Path, help="protocol<TAB>model<TAB>seed<TAB>seconds per training run")
-    p.add_argument("--models", default="text-only,late-fusion,dynmm,dynmm-hard,tfn-style,lmf-style,gated")
+    p.add_argument("--models", default="text-only,late-fusion,dynmm,dynmm-hard,tfn-style,lmf-style,gated,emt-dlfr,emt")
     p.add_argument("--write", type=Path, help="a Markdown file whose generated block is replaced by the tables")
     args = p.parse_args()
     results = load(args.results, args.models.split(","))
