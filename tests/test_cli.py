@@ -6,6 +6,7 @@ and pooling rules."""
 from __future__ import annotations
 
 import csv
+import pickle
 import json
 import shutil
 import subprocess
@@ -84,6 +85,21 @@ def test_user_errors_are_one_line_status_2_and_create_nothing(case, shards, tmp_
     assert cli(args) == 2
     line = one_error_line(capsys.readouterr().err, "train")
     assert expect in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+@pytest.mark.parametrize("content", [b"not a pickle at all", pickle.dumps({"train": {}})], ids=["garbage", "no splits"])
+def test_a_file_that_is_not_an_mmsa_pickle_is_one_line(command, content, request, tmp_path, capsys):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(content)
+    out = tmp_path / "run" if command == "train" else tmp_path / "e.json"
+    args = (["train", "--data", str(bad), "-o", str(out), *FAST] if command == "train"
+            else ["evaluate", str(request.getfixturevalue("finished")), "--data", str(bad), "-o", str(out)])
+    code = cli(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert str(bad) in one_error_line(err, command)
     assert not out.exists()
 
 

@@ -132,7 +132,10 @@ def load_mmsa_pickle(path: str | Path, zscore: bool = True) -> dict[str, Split]:
     if not path.is_file():
         raise FileNotFoundError(f"MMSA pickle not found: {path}")
     with path.open("rb") as f:
-        data = pickle.load(f)  # MMSA's own format; trusted input only (module docstring)
+        try:
+            data = pickle.load(f)  # MMSA's own format; trusted input only (module docstring)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+            raise MMSAPickleError(f"{path}: not a readable MMSA feature pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict):
         raise MMSAPickleError(f"{path}: expected a dict of splits, got {type(data).__name__}")
     missing = [s for s in SPLITS if s not in data]

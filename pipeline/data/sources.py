@@ -30,7 +30,9 @@ import torch
 from msaflow.contract import SEQUENCE_MODALITIES, SPLITS
 from msaflow.pipeline.data.lengths import LengthConfig, control_padded, control_sample
 from msaflow.pipeline.data.loader import make_loader
-from msaflow.pipeline.data.mmsa_pickle import Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats
+from msaflow.pipeline.data.mmsa_pickle import (
+    MMSAPickleError, Split, batch_indices, feature_dims, load_mmsa_pickle, zscore_stats,
+)
 from msaflow.pipeline.data.shard_index import ShardError, ShardLocation, SplitIndex, shard_location
 
 NORMALISED = SEQUENCE_MODALITIES  # z-scored per feature; text is token ids
@@ -186,8 +188,11 @@ class PickleSource:
         self.path, self.lengths = Path(path), lengths
         # caps work row by row, so capping whole splits and then taking the first `limit` rows
         # equals capping those rows; the statistics are fit on the whole capped train split
-        capped = {k: Split(s.name, s.ids, control_padded(s.tensors, lengths))
-                  for k, s in load_mmsa_pickle(self.path, zscore=False).items()}
+        try:
+            splits = load_mmsa_pickle(self.path, zscore=False)
+        except MMSAPickleError as exc:  # a user's file, not a bug: one line naming it
+            raise DataError(str(exc)) from exc
+        capped = {k: Split(s.name, s.ids, control_padded(s.tensors, lengths)) for k, s in splits.items()}
         train = capped["train"]
         self._normaliser = Normaliser({m: zscore_stats(train, m) for m in NORMALISED if m in train.tensors})
         keep = slice(limit) if limit > 0 else slice(None)
