@@ -303,3 +303,20 @@ def test_shuffle_buffer_yields_everything_once_and_starts_early():
     assert sorted(rest) == list(range(500)) and rest != list(range(500))
     assert rest == list(shuffle_buffer(range(500), 100, np.random.default_rng(0)))
     assert list(shuffle_buffer(range(3), 100, np.random.default_rng(0), initial=1000)) != []
+
+
+def test_samples_are_length_capped_before_the_shuffle_buffer_holds_them(tmp_path):
+    """The buffer's memory is buffer x capped length: every sample the buffer has taken in has been
+    through the transform (a lazy transform after the buffer would have seen only the yielded ones)."""
+    write_split(tmp_path, "train", "features", [20], seed=3)
+    seen = []
+
+    def transform(arrays):
+        seen.append(len(seen))
+        return arrays
+
+    loader = make_loader(tmp_path, "train", 2, shuffle=True, shuffle_buffer=16, transform=transform)
+    batches = iter(loader)
+    for _ in range(4):  # 8 samples out; the buffer (two in, one out) has taken in 16
+        next(batches)
+    assert len(seen) >= 16

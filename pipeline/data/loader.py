@@ -251,11 +251,11 @@ class ShardDataset(IterableDataset):
             for shard, run in shard_runs(stream)
             for sample in read_shard(self.index.shards[shard], self.index, run)
         )
+        if self.transform is not None:  # length control first: the shuffle buffer holds capped samples
+            samples = (replace(s, arrays=self.transform(s.arrays)) for s in samples)
         if self.shuffle and self.buffer_size > 1:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             samples = shuffle_buffer(samples, self.buffer_size, rng)
-        if self.transform is not None:  # length control, before the shuffle buffer holds the samples
-            samples = (replace(s, arrays=self.transform(s.arrays)) for s in samples)
         samples = iter(samples)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
         window = max(self.bucket, 1)
