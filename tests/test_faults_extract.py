@@ -514,3 +514,26 @@ def test_damaged_clip_tars_are_not_packed_and_are_redone_on_resume(setup, refere
     assert result["counts"]["redone"] == 2 and result["counts"]["ok"] == 4 and result["counts"]["resumed"] == 2
     assert _tree_hashes(out / "clips") == reference["four"]["clips"]
     assert _shards(out, setup["four"], tmp_path / "shards") == reference["four"]["shards"]
+
+
+# ---------------------------------------------------------------- damaged failure records
+
+
+@pytest.mark.parametrize("content", [b"", b'{"id": "grid/bbaf2n", "pa', b'{"id": "grid/bbaf2n"}'],
+                         ids=["empty", "cut short", "fields missing"])
+def test_a_damaged_failure_record_is_named_removed_and_its_clip_redone(content, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from msaflow.pipeline.extraction.extract import _resume, _Tally
+
+    (tmp_path / "failures").mkdir()
+    good = {"id": "grid/brbk7n", "path": "b.mpg", "stage": "decode", "reason": "empty file (0 bytes)"}
+    (tmp_path / "failures" / "grid_brbk7n.json").write_text(json.dumps(good), encoding="utf-8")
+    damaged = tmp_path / "failures" / "grid_bbaf2n.json"
+    damaged.write_bytes(content)
+    jobs = [SimpleNamespace(key="grid_bbaf2n"), SimpleNamespace(key="grid_brbk7n")]
+    tally = _Tally()
+    todo = _resume(tmp_path, jobs, tally)
+    assert [j.key for j in todo] == ["grid_bbaf2n"] and not damaged.exists()
+    assert tally.failures == [good] and tally.counts["resumed"] == 1
+    assert f"{damaged} is damaged" in capsys.readouterr().err

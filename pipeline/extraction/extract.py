@@ -335,12 +335,26 @@ def _resume(out: Path, jobs: list, tally: _Tally) -> list:
             tally.counts.update(resumed=1)
             tally.kept(job, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"],
                        text_source(meta), meta.get("notes", []))
-        elif fail.exists():
+        elif fail.exists() and (record := _failure_record(fail)) is not None:
             tally.counts.update(resumed=1)
-            tally.failed(json.loads(fail.read_text(encoding="utf-8")))
+            tally.failed(record)
         else:
             todo.append(job)
     return todo
+
+
+def _failure_record(path: Path) -> dict | None:
+    """A clip's failure record, or None when it is damaged (empty or cut short: a power loss, say):
+    the record is then removed, with a note, and the clip done again."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or not set(FAILURE_FIELDS) <= set(record):
+            raise ValueError(f"not a failure record (needs {', '.join(FAILURE_FIELDS)})")
+        return record
+    except (ValueError, UnicodeDecodeError) as exc:
+        print(f"msaflow extract: note: {path} is damaged ({exc}): extracting the clip again", file=sys.stderr)
+        path.unlink()
+        return None
 
 
 def _extract_clips(todo: list, out: Path, work: Path, cfg: ExtractConfig, device: str, spec: str | None,
