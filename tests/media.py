@@ -61,6 +61,13 @@ def make_text_as_video(dst: str | Path) -> Path:
     return dst
 
 
+def make_scaled(src: str | Path, dst: str | Path, width: int, height: int, audio: bool = True) -> Path:
+    """The clip rescaled to width x height (H.264; audio kept as AAC or dropped)."""
+    _ffmpeg("-i", str(src), "-vf", f"scale={width}:{height}", "-c:v", "libx264", "-preset", "ultrafast",
+            "-pix_fmt", "yuv420p", *(["-c:a", "aac"] if audio else ["-an"]), str(dst))
+    return Path(dst)
+
+
 def make_video_without_audio(src: str | Path, dst: str | Path) -> Path:
     dst = _prepare(dst)
     _ffmpeg("-i", str(src), "-an", "-c:v", "copy", str(dst))

@@ -317,6 +317,16 @@ def _shards_cli(extract_dir: Path, manifest: Path, out: Path) -> subprocess.Comp
                           cwd=REPO, timeout=300)
 
 
+def test_extract_into_a_read_only_folder_is_one_line_and_status_2(setup, tmp_path, tmpfs):
+    ro = tmpfs(tmp_path / "ro", "1m", ro=True)
+    result = _extract(setup["four"], ro / "extract", setup["config"])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert lines[0].startswith("msaflow extract: error: ") and "Read-only file system" in lines[0]
+    assert str(ro / "extract") in lines[0]
+
+
 def test_shards_into_a_read_only_folder_is_one_line_and_status_2(tmp_path, tmpfs):
     manifest, extract_dir = make_extraction(tmp_path, CLIPS)
     ro = tmpfs(tmp_path / "ro", "1m", ro=True)

@@ -184,6 +184,7 @@ def test_predict_video_without_audio(run_dir, shared_data, tmp_path, capsys):
     (lambda d, src: media.make_zero_bytes(d / "zero.mp4"), "0 bytes"),
     (lambda d, src: media.make_text_as_video(d / "notes.mp4"), "cannot be used"),
     (lambda d, src: media.make_truncated(src, d / "cut.mpg", fraction=0.002), "cannot be used"),
+    (lambda d, src: media.make_scaled(src, d / "px48.mp4", 48, 48, audio=False), "48x48 pixels: too small"),
 ])
 def test_unusable_video_is_a_clear_error(make, reason, run_dir, shared_data, tmp_path, capsys):
     video = make(tmp_path, shared_data / "raw" / "grid" / "sbia1a.mpg")
