@@ -547,3 +547,24 @@ def test_a_damaged_failure_record_is_named_removed_and_its_clip_redone(content, 
     assert [j.key for j in todo] == ["grid_bbaf2n"] and not damaged.exists()
     assert tally.failures == [good] and tally.counts["resumed"] == 1
     assert f"{damaged} is damaged" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a worker killed by SIGKILL
+
+
+def test_a_worker_killed_by_sigkill_stops_the_run_once_and_is_recorded_when_killed_again(setup, tmp_path):
+    """The out-of-memory killer is the machine's fault the first time (nothing recorded, the run
+    stops, a rerun retries); killed again on the same clip, the clip is recorded and the run goes on."""
+    out = tmp_path / "extract"
+    env = {**_env(), "MSAFLOW_FAULT_KILL_ON": "brbk7n.mpg"}
+    first = _extract(setup["four"], out, setup["config"], env=env)
+    assert first.returncode == 2, first.stderr[-2000:]
+    assert "SIGKILL" in first.stderr and "brbk7n.mpg" in first.stderr
+    assert not (out / "failures" / "grid_brbk7n.json").exists()
+    second = _extract(setup["four"], out, setup["config"], env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    record = json.loads((out / "failures" / "grid_brbk7n.json").read_text(encoding="utf-8"))
+    assert record["stage"] == "worker" and "killed twice" in record["reason"]
+    assert not list((out / "failures").glob(".*.killed"))
+    assert sorted(p.name for p in (out / "clips").glob("*.tar")) == \
+        sorted(f"grid_{name}.tar" for name in FIRST_FOUR if name != "brbk7n")

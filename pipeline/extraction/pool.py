@@ -10,12 +10,17 @@ has its worker killed the same way.
 What is the machine's fault, not the clip's, is never recorded against the clip: an
 OSError writing the output (no space, permission, I/O error, read-only file system), or a
 worker stopped from outside (SIGTERM, SIGINT, SIGHUP). The result then says "transient" and
-the run stops; a rerun retries the clip. The worker dies with its parent (Linux:
+the run stops; a rerun retries the clip. A worker killed by SIGKILL (most often the kernel's
+out-of-memory killer, which a clip can cause) stops the run the same way the first time, and a
+marker beside the failure records remembers it; when a rerun's worker is killed on the same clip
+again, the clip is recorded as failed (so one clip too big for the machine does not stop every
+run). The worker dies with its parent (Linux:
 PR_SET_PDEATHSIG), so a killed run leaves no worker behind finishing a clip for nobody.
 
 Fault injection for tests: when MSAFLOW_FAULT_ABORT_ON names a media file (its base
 name), the worker calls os.abort() on that file, which is indistinguishable from a
-decoder crash for the parent process.
+decoder crash for the parent process; MSAFLOW_FAULT_KILL_ON makes it SIGKILL itself, as the
+out-of-memory killer would.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 FAULT_ENV = "MSAFLOW_FAULT_ABORT_ON"
+FAULT_KILL_ENV = "MSAFLOW_FAULT_KILL_ON"
 
 _WORKER = {}  # the worker process's ClipExtractor
 
@@ -150,6 +156,8 @@ def _extract_in_worker(job_fields: dict, out_dir: str) -> dict:
     job = ClipJob(**job_fields)
     if os.environ.get(FAULT_ENV) and Path(job.path).name == os.environ[FAULT_ENV]:
         os.abort()
+    if os.environ.get(FAULT_KILL_ENV) and Path(job.path).name == os.environ[FAULT_KILL_ENV]:
+        os.kill(os.getpid(), signal.SIGKILL)
     output = (Path(out_dir) / "clips").resolve().parent  # the output folder (out_dir may be a process's view)
     try:
         return {"ok": True, **_WORKER["extractor"].extract(job, Path(out_dir))}
@@ -234,9 +242,7 @@ class IsolatedExtractor:
                 return {"ok": False, "transient": f"the extraction worker was stopped from outside ({how}) "
                                                   f"while on {job.path}"}
             if any(p.exitcode == -signal.SIGKILL for p in procs):  # most often the kernel's out-of-memory killer
-                return {"ok": False, "stage": "worker",
-                        "reason": f"worker killed ({how}: out of memory, or killed by hand); worker restarted "
-                                  f"(remove this failure record to retry the clip)"}
+                return _killed(job, Path(out_dir), how)
             return {"ok": False, "stage": "worker", "reason": f"decoder crashed ({how}); worker restarted"}
         except FutureTimeout:
             self._discard(kill=True, procs=procs)
@@ -277,3 +283,20 @@ class IsolatedExtractor:
             self.close()
         else:
             self.kill()
+
+
+def _killed(job, out_dir: Path, how: str) -> dict:
+    """The result for a worker killed by SIGKILL on `job`: the first time the machine's fault (stop,
+    a rerun retries), the second time in a row the clip's (it is recorded as failed)."""
+    output = (out_dir / "clips").resolve().parent  # out_dir may be this process's view of the output
+    marker = output / "failures" / f".{job.key}.killed"
+    if marker.exists():
+        marker.unlink()
+        return {"ok": False, "stage": "worker",
+                "reason": f"worker killed twice on this clip ({how}: most likely out of memory); worker "
+                          f"restarted (remove this failure record to retry the clip)"}
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(how, encoding="utf-8")
+    return {"ok": False, "transient": f"the extraction worker was killed ({how}: out of memory, or by hand) "
+                                      f"while on {job.path}; if a rerun is killed on it again, the clip is "
+                                      f"recorded as failed"}
