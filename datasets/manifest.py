@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,8 @@ from msaflow.contract import SPLITS
 from msaflow.datasets.adapters import ADAPTERS, select_adapter
 from msaflow.datasets.base import ClipRecord, ManifestError, Problems
 from msaflow.tario import atomic_path
+
+log = logging.getLogger("msaflow.manifest")
 
 MANIFEST_COLUMNS = ["id", "video_id", "clip_id", "path", "start", "end", "text", "label", "split",
                     "label_T", "label_A", "label_V"]
@@ -239,24 +241,22 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg, root = config_from_args(args)
     except (ValidationError, ValueError) as exc:
-        print(f"msaflow manifest: invalid config {args.config}: {exc}", file=sys.stderr)
+        log.error(f"msaflow manifest: invalid config {args.config}: {exc}")
         return 2
     if root is None:
-        print("msaflow manifest: give DATASET_ROOT (or `dataset.root` in --config)", file=sys.stderr)
+        log.error("msaflow manifest: give DATASET_ROOT (or `dataset.root` in --config)")
         return 2
     try:
         df = build_manifest(root, cfg)
     except ManifestError as exc:
-        print(f"msaflow manifest: {len(exc.problems)} problem(s) in {root}; nothing written:",
-              file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        log.error("\n".join([f"msaflow manifest: {len(exc.problems)} problem(s) in {root}; nothing written:",
+                             *(f"  {problem}" for problem in exc.problems)]))
         return 2
     write_manifest(df, args.output)
-    print(f"{args.output}: {len(df)} clips read as {df.attrs['format']}")
-    print(summary_table(df))
+    log.info(f"{args.output}: {len(df)} clips read as {df.attrs['format']}")
+    log.info(summary_table(df))
     leaks = split_leaks(df)
     if leaks:
-        print(f"warning: {len(leaks)} video(s) have clips in more than one split: "
-              f"{', '.join(leaks[:10])}{' ...' if len(leaks) > 10 else ''}", file=sys.stderr)
+        log.warning(f"warning: {len(leaks)} video(s) have clips in more than one split: "
+                    f"{', '.join(leaks[:10])}{' ...' if len(leaks) > 10 else ''}")
     return 0

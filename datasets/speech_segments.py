@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from msaflow.device import DEVICES
+
+log = logging.getLogger("msaflow.segment")
 
 SENTENCE_END = (".", "?", "!")
 MIN_UTTERANCE_S = 0.3
@@ -114,7 +117,7 @@ def segment_folder(root: Path, recogniser, pause: float = 0.8, min_length: float
         seen[video_id] = path
         decoded = media_audio(path)
         if decoded is None:
-            print(f"msaflow segment: {path}: no audio stream, no utterances", file=sys.stderr)
+            log.warning(f"msaflow segment: {path}: no audio stream, no utterances")
             continue
         wav, duration = decoded
         words = recogniser.transcribe_regions(wav, recogniser.speech_regions(wav, pause, max_length, pad))
@@ -168,10 +171,10 @@ def main(args: argparse.Namespace) -> int:
                                args.threads)
         rows = segment_folder(args.root, recogniser, args.pause, args.min_length, args.max_length, args.pad)
     except (ValueError, RuntimeError) as exc:
-        print(f"msaflow segment: error: {exc}", file=sys.stderr)
+        log.error(f"msaflow segment: error: {exc}")
         return 2
     write_segments(rows, out, args.text)
-    print(f"{out}: {len(rows)} utterances from {len({r['video_id'] for r in rows})} videos "
+    log.info(f"{out}: {len(rows)} utterances from {len({r['video_id'] for r in rows})} videos "
           f"(read it with `msaflow manifest {args.root}`)")
     return 0
 
@@ -179,4 +182,8 @@ def main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
+    # run as a module, not through `msaflow`: the same streams (info on stdout, warnings on stderr)
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[stdout, logging.StreamHandler()])
     sys.exit(main(parser.parse_args()))

@@ -83,7 +83,7 @@ class _Format(logging.Formatter):
         message = record.getMessage()
         if record.levelno >= logging.ERROR and not message.startswith(("msaflow", "error")):
             return f"error: {message}"
-        if record.levelno == logging.WARNING and not message.startswith(("note:", "warning:")):
+        if record.levelno == logging.WARNING and not message.startswith(("note:", "warning:", "msaflow")):
             return f"warning: {message}"
         return message
 

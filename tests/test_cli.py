@@ -59,6 +59,22 @@ def test_version_and_list_models_alone(capsys):
     assert {"emt-dlfr", "end-to-end", "tfn-style", "text-only"} <= set(models)
 
 
+def test_quiet_silences_the_info_lines_of_every_command(tmp_path, capsys):
+    """-q: a command's status and summary lines (logged at info level) leave stdout empty; without it
+    they are there (`msaflow manifest` on the packaged demo dataset, the cheapest command)."""
+    import msaflow.datasets
+
+    demo = Path(msaflow.datasets.__file__).resolve().parent / "demo"
+    assert cli(["-q", "manifest", str(demo), "-o", str(tmp_path / "quiet.csv")]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and (tmp_path / "quiet.csv").is_file()
+    assert cli(["manifest", str(demo), "-o", str(tmp_path / "m.csv")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'm.csv'}: 11 clips read as mmsa-raw" in out and "all " in out  # line and summary table
+    assert cli(["--log-level", "warning", "manifest", str(demo), "-o", str(tmp_path / "w.csv")]) == 0
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("case", ["unknown model", "missing pickle", "optim typo", "model typo", "bad yaml",
                                   "unknown section", "no data", "bad rates"])
 def test_user_errors_are_one_line_status_2_and_create_nothing(case, shards, tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import re
 import sys
 import tarfile
@@ -33,6 +34,8 @@ from msaflow.pipeline.data.shard_plan import (FAILURE_COLUMNS, ShardsConfig, Sha
                                               manifest_rows, read_frontends)
 from msaflow.pipeline.extraction.settings import extract_config_hash
 from msaflow.tario import TarWriter, atomic_path, remove_stale_temp, write_json_atomic
+
+log = logging.getLogger("msaflow.shards")
 
 
 class _ShardSequence:
@@ -244,12 +247,12 @@ def main(args: argparse.Namespace) -> int:
         with shard_folder_lock(args.extract_dir, args.output):
             summary = packed_shards(args.extract_dir, args.manifest, args.output, cfg, config_hash)
             if summary is not None:  # clip tars were removed after packing: the shards are complete, keep them
-                print(f"shards in {args.output} are complete for this manifest and config; the clip tars were "
-                      f"removed after packing ({args.extract_dir / PACKED_RECORD}): kept", file=sys.stderr)
+                log.warning(f"note: shards in {args.output} are complete for this manifest and config; the clip "
+                            f"tars were removed after packing ({args.extract_dir / PACKED_RECORD}): kept")
                 if args.remove_packed:
                     record = json.loads((args.extract_dir / PACKED_RECORD).read_text(encoding="utf-8"))
                     removed, freed = _unlink_clips(args.extract_dir, record["clips"])
-                    print(f"removed the {removed} packed clip tar(s) left ({freed / 1e6:.1f} MB)", file=sys.stderr)
+                    log.warning(f"note: removed the {removed} packed clip tar(s) left ({freed / 1e6:.1f} MB)")
             else:
                 clips = args.extract_dir / "clips"
                 before = sum(p.stat().st_size for p in clips.glob("*.tar")) if args.remove_packed else 0
@@ -258,11 +261,11 @@ def main(args: argparse.Namespace) -> int:
                                               extract_settings=used)
                 if args.remove_packed:
                     after = sum(p.stat().st_size for p in clips.glob("*.tar"))
-                    print(f"removed the packed clip tars ({(before - after) / 1e6:.1f} MB); "
-                          f"{args.extract_dir / PACKED_RECORD} lists them", file=sys.stderr)
+                    log.warning(f"note: removed the packed clip tars ({(before - after) / 1e6:.1f} MB); "
+                                f"{args.extract_dir / PACKED_RECORD} lists them")
     except (ShardsError, ValueError) as exc:
-        print(f"msaflow shards: error: {exc}", file=sys.stderr)
+        log.error(f"msaflow shards: error: {exc}")
         return 2
-    print(format_summary(summary))
-    print(f"shards, index.json, failures.csv, summary.json in {args.output}")
+    log.info(format_summary(summary))
+    log.info(f"shards, index.json, failures.csv, summary.json in {args.output}")
     return 0

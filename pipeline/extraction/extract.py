@@ -3,7 +3,7 @@
 Each clip is decoded, face-tracked and cropped in an isolated worker process
 (`extract_pool`); a clip that fails gets `failures/<key>.json` and the others go on. A clip
 whose tar or failure record exists is skipped (resume). The chunk ends with a summary
-`chunks/<K>-of-<N>.json` and a printed table.
+`chunks/<K>-of-<N>.json` and a summary table (logged: on stdout, silenced by -q).
 
 Faults of the machine (no space, permission or I/O errors writing the output, a worker stopped
 from outside) are never recorded against a clip: the run stops with one line naming the file
@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import signal
-import sys
 import tarfile
 import threading
 import time
@@ -36,6 +36,8 @@ from pathlib import Path
 
 from msaflow.device import DEVICES
 from msaflow.pipeline.extraction.settings import ExtractConfig, load_config
+
+log = logging.getLogger("msaflow.extract")
 
 
 def parse_chunk(text: str) -> tuple[int, int]:
@@ -137,8 +139,8 @@ def run(manifest: Path, out: Path, cfg: ExtractConfig, chunk: tuple[int, int] = 
     with output_lock(out, f"msaflow extract {manifest} -o {out} --chunk {k}/{n}", name=f"extract-{k}-of-{n}"):
         _check_overlapping_chunks(out, k, n)
         if removed := _remove_leftovers(out):
-            print(f"msaflow extract: note: removed {removed} temp file(s) or scratch folder(s) in {out} left by "
-                  f"processes that no longer run", file=sys.stderr)
+            log.warning(f"msaflow extract: note: removed {removed} temp file(s) or scratch folder(s) in {out} left "
+                        f"by processes that no longer run")
         work = _process_dir(out)
         try:
             with _stop_on_signals():
@@ -232,7 +234,7 @@ def _finished_clip(tar: Path) -> dict | None:
         check_tar(tar)
         return _clip_meta(tar)
     except ValueError as exc:
-        print(f"msaflow extract: note: {tar} is damaged ({exc}): extracting the clip again", file=sys.stderr)
+        log.warning(f"msaflow extract: note: {tar} is damaged ({exc}): extracting the clip again")
         tar.unlink()
         return None
 
@@ -352,7 +354,7 @@ def _failure_record(path: Path) -> dict | None:
             raise ValueError(f"not a failure record (needs {', '.join(FAILURE_FIELDS)})")
         return record
     except (ValueError, UnicodeDecodeError) as exc:
-        print(f"msaflow extract: note: {path} is damaged ({exc}): extracting the clip again", file=sys.stderr)
+        log.warning(f"msaflow extract: note: {path} is damaged ({exc}): extracting the clip again")
         path.unlink()
         return None
 
@@ -410,22 +412,22 @@ def _summary(chunk: str, cfg: ExtractConfig, device: str, tally: _Tally, wall: f
     }
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
+def format_summary(summary: dict) -> str:
+    """The chunk's summary table (logged at info level: on stdout, silenced by -q)."""
     c, s = summary["counts"], summary["seconds"]
-    print(f"extract {summary['chunk']} ({summary['mode']}, {summary['device']}): "
-          f"{c['ok']} ok, {c['failed']} failed of {c['clips']} clips ({c['resumed']} already done"
-          f"{', ' + str(c['redone']) + ' damaged tar(s) redone' if c.get('redone') else ''})", file=file)
-    print(f"  missing modalities: {c['no_face']} clips without any face "
-          f"({c['face_frames_missing']} frames without face), {c['no_audio']} without audio, "
-          f"{c['empty_text']} with empty text", file=file)
+    lines = [f"extract {summary['chunk']} ({summary['mode']}, {summary['device']}): "
+             f"{c['ok']} ok, {c['failed']} failed of {c['clips']} clips ({c['resumed']} already done"
+             f"{', ' + str(c['redone']) + ' damaged tar(s) redone' if c.get('redone') else ''})",
+             f"  missing modalities: {c['no_face']} clips without any face "
+             f"({c['face_frames_missing']} frames without face), {c['no_audio']} without audio, "
+             f"{c['empty_text']} with empty text"]
     if summary["config"].get("asr") is not None:
-        print(f"  transcripts: {c['text_given']} given, {c['text_recognised']} recognised "
-              f"({summary['config']['asr']['recogniser']})", file=file)
-    print("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()), file=file)
-    for f in summary["failures"]:
-        print(f"  FAILED {f['id']} ({f['path']}): [{f['stage']}] {f['reason']}", file=file)
-    for w in summary.get("warnings", []):
-        print(f"  WARNING {w['id']} ({w['path']}): [{w['kind']}] {w['reason']}", file=file)
+        lines.append(f"  transcripts: {c['text_given']} given, {c['text_recognised']} recognised "
+                     f"({summary['config']['asr']['recogniser']})")
+    lines.append("  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items()))
+    lines += [f"  FAILED {f['id']} ({f['path']}): [{f['stage']}] {f['reason']}" for f in summary["failures"]]
+    lines += [f"  WARNING {w['id']} ({w['path']}): [{w['kind']}] {w['reason']}" for w in summary.get("warnings", [])]
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -441,7 +443,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.manifest}: manifest not found")
         summary = run(args.manifest, args.out, cfg, args.chunk)
     except (ValueError, RuntimeError) as exc:
-        print(f"msaflow extract: error: {exc}", file=sys.stderr)
+        log.error(f"msaflow extract: error: {exc}")
         return 2
-    print_summary(summary)
+    log.info(format_summary(summary))
     return 0

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
+
+log = logging.getLogger("msaflow.frontends")
 
 COLUMNS = ("name", "modality", "input", "dim", "rate", "weights", "sha256", "licence")
 
@@ -38,11 +40,14 @@ def main(args: argparse.Namespace) -> int:
 
     unknown = [n for n in args.names if n not in REGISTRY]
     if unknown:
-        print(f"unknown front-end(s) {', '.join(unknown)}; registered: {', '.join(sorted(REGISTRY))}", file=sys.stderr)
+        log.error(f"msaflow frontends: error: unknown front-end(s) {', '.join(unknown)}; "
+                  f"registered: {', '.join(sorted(REGISTRY))}")
         return 2
     names = args.names or sorted(REGISTRY, key=lambda n: (REGISTRY[n].modality, n))
     rows = [inspect(n, args.text_model if n == "hf-text" else None) for n in names]
     recognisers = [] if args.names else recogniser_rows()
+    # the listing is the command's product on stdout (read, piped, parsed with --json): printed, not
+    # logged, so -q keeps it
     if args.json:
         print(json.dumps({"default": DEFAULT_SPEC, "frontends": rows, "recognisers": recognisers}, indent=2))
         return 0

@@ -19,6 +19,7 @@ import base64
 import csv
 import html
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import numpy as np
 
 from msaflow.pipeline.data.shard_plan import FAILURE_COLUMNS
 from msaflow.tario import atomic_path, decode_member, iter_tar_members
+
+log = logging.getLogger("msaflow.report")
 
 CURVE_METRICS = ["MAE", "Corr", "Acc-2_non0", "F1_non0", "Acc-7", "Acc-5"]
 
@@ -343,5 +346,5 @@ def main(args: argparse.Namespace) -> int:
         tmp.write_text(render_markdown(args.title, sections, args.out), encoding="utf-8")
     with atomic_path(args.out / "report.html") as tmp:
         tmp.write_text(render_html(args.title, sections), encoding="utf-8")
-    print(f"report: {args.out / 'report.md'} and report.html ({len(sections)} sections)")
+    log.info(f"report: {args.out / 'report.md'} and report.html ({len(sections)} sections)")
     return 0

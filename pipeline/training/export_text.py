@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from msaflow.pipeline.data.sources import DataError
 from msaflow.pipeline.training.run_dir import RunDir
+
+log = logging.getLogger("msaflow.export_text")
 
 ENCODER_PREFIX = "text_encoder.model."  # TextEncoder.model inside every registered model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -74,5 +77,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = export_text_encoder(args.run, args.out)  # a DataError is one line and exit status 2 (msaflow.pipeline.cli)
-    print(f"text encoder of {args.run} written to {out}; train on top of it with --text-model {out}")
+    log.info(f"text encoder of {args.run} written to {out}; train on top of it with --text-model {out}")
     return 0

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -150,8 +149,8 @@ def extract_config(run: dict, override: Path | None, model_name: str):
         cfg = ExtractConfig.model_validate(recorded)
     else:
         mode = "raw" if model_name == "end-to-end" else "features"
-        print(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
-              f"Pass --extract-config with the settings the training shards were made with.", file=sys.stderr)
+        log.warning(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
+                    f"Pass --extract-config with the settings the training shards were made with.")
         cfg = ExtractConfig(mode=mode)
     shards = training_shards(run)
     if shards is not None:
@@ -245,7 +244,7 @@ def with_transcript_settings(cfg, text: str, use_asr: bool = True):
     try:
         check_available(asr)
     except AsrUnavailable as exc:
-        print(f"warning: no --text and no speech recognition, so the text is missing: {exc}", file=sys.stderr)
+        log.warning(f"warning: no --text and no speech recognition, so the text is missing: {exc}")
         return cfg.model_copy(update={"asr": None})
     return cfg.model_copy(update={"asr": asr})
 
@@ -369,6 +368,7 @@ def main(args: argparse.Namespace) -> int:
         return predict_many_main(args)
     result = predict(args.video, args.checkpoint, args.text, start=args.start, end=args.end,
                      extract_override=args.extract_config, device=args.device, use_asr=not args.no_asr)
+    # the score is the command's product on stdout (piped, parsed as JSON): printed, not logged, so -q keeps it
     print(json.dumps(result.to_dict()) if args.json else "\n".join(result.lines()))
     return 0
 
@@ -389,6 +389,6 @@ def predict_many_main(args: argparse.Namespace) -> int:
     rows = run.predict_many(clips, use_asr=not args.no_asr)
     write_predictions(out, rows)
     failed = sum(1 for r in rows if r.get("error"))
-    print(f"scored {len(rows) - failed} of {len(rows)} clip(s) with {run.dir} ({run.name}); "
+    log.info(f"scored {len(rows) - failed} of {len(rows)} clip(s) with {run.dir} ({run.name}); "
           f"{failed} could not be used; wrote {out}")
     return 2 if failed == len(rows) else 0

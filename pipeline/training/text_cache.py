@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,8 @@ from msaflow.pipeline.data.mmsa_pickle import Split, load_mmsa_pickle
 from msaflow.pipeline.training.rates import COARSE_GRID as COARSE_SPEC
 from msaflow.pipeline.training.rates import TEST_GRID, parse_rates
 from msaflow.tario import atomic_path
+
+log = logging.getLogger("msaflow.train")  # built by `msaflow train` / `evaluate`, or by main() below
 
 GRID = tuple(parse_rates(TEST_GRID))  # test rates
 COARSE_GRID = tuple(parse_rates(COARSE_SPEC))  # train/valid rates of the cached mode (CPU budget)
@@ -116,7 +120,7 @@ class TextStateCache:
             with atomic_path(self.path(split_name, rate)) as tmp:
                 with tmp.open("wb") as f:
                     np.save(f, states, allow_pickle=False)
-            print(f"cached {split_name} r={rate:.1f} ({len(split)} samples)", flush=True)
+            log.info(f"cached {split_name} r={rate:.1f} ({len(split)} samples)")
 
     def states(self, split_name: str, rate: float, index: torch.Tensor, width: int) -> torch.Tensor:
         key = (split_name, round(rate, 6))
@@ -142,7 +146,7 @@ def main() -> int:
                    help="missing rates cached for train and valid, e.g. 0.0:1.0:0.1 (test: always the 0.1 grid)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # "cached ..." lines
     torch.set_num_threads(args.threads)
     splits = load_mmsa_pickle(args.data)
     train_rates = sorted(set(parse_rates(args.train_rates)))
