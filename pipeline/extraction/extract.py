@@ -234,9 +234,7 @@ def _finished_clip(tar: Path) -> dict | None:
         check_tar(tar)
         return _clip_meta(tar)
     except ValueError as exc:
-        log.warning(f"msaflow extract: note: {tar} is damaged ({exc}): extracting the clip again")
-        tar.unlink()
-        return None
+        return _remove_damaged(tar, exc)
 
 
 SUMMARY_COUNTS = ("clips", "ok", "failed", "resumed", "redone", "no_face", "face_frames_missing", "no_audio",
@@ -354,9 +352,14 @@ def _failure_record(path: Path) -> dict | None:
             raise ValueError(f"not a failure record (needs {', '.join(FAILURE_FIELDS)})")
         return record
     except (ValueError, UnicodeDecodeError) as exc:
-        log.warning(f"msaflow extract: note: {path} is damaged ({exc}): extracting the clip again")
-        path.unlink()
-        return None
+        return _remove_damaged(path, exc)
+
+
+def _remove_damaged(path: Path, exc: Exception) -> None:
+    """A damaged output of a clip (its tar or failure record) is removed, with a note: the clip is
+    extracted again."""
+    log.warning(f"msaflow extract: note: {path} is damaged ({exc}): extracting the clip again")
+    path.unlink()
 
 
 def _extract_clips(todo: list, out: Path, work: Path, cfg: ExtractConfig, device: str, spec: str | None,

@@ -158,7 +158,7 @@ def _extract_in_worker(job_fields: dict, out_dir: str) -> dict:
         os.abort()
     if os.environ.get(FAULT_KILL_ENV) and Path(job.path).name == os.environ[FAULT_KILL_ENV]:
         os.kill(os.getpid(), signal.SIGKILL)
-    output = (Path(out_dir) / "clips").resolve().parent  # the output folder (out_dir may be a process's view)
+    output = output_folder(Path(out_dir))
     try:
         return {"ok": True, **_WORKER["extractor"].extract(job, Path(out_dir))}
     except DecodeError as exc:
@@ -288,7 +288,7 @@ class IsolatedExtractor:
 def _killed(job, out_dir: Path, how: str) -> dict:
     """The result for a worker killed by SIGKILL on `job`: the first time the machine's fault (stop,
     a rerun retries), the second time in a row the clip's (it is recorded as failed)."""
-    output = (out_dir / "clips").resolve().parent  # out_dir may be this process's view of the output
+    output = output_folder(out_dir)
     marker = output / "failures" / f".{job.key}.killed"
     if marker.exists():
         marker.unlink()
@@ -300,3 +300,8 @@ def _killed(job, out_dir: Path, how: str) -> dict:
     return {"ok": False, "transient": f"the extraction worker was killed ({how}: out of memory, or by hand) "
                                       f"while on {job.path}; if a rerun is killed on it again, the clip is "
                                       f"recorded as failed"}
+
+
+def output_folder(out_dir: Path) -> Path:
+    """The run's output folder: `out_dir` may be a process's view of it (its `clips` a link there)."""
+    return (out_dir / "clips").resolve().parent
