@@ -28,6 +28,7 @@ from msaflow.model.baselines import Baseline, masked_mean_states, option, subset
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.model.encoders import TextEncoder, padding_mask
 from msaflow.model.registry import MSAModel, register, released_param_groups
+from msaflow.model.weights import load_stored_state
 
 
 def diff_softmax(logits: torch.Tensor, tau: float = 1.0, hard: bool = False) -> torch.Tensor:
@@ -54,7 +55,7 @@ def load_expert(run_dir: str | Path) -> tuple["Baseline", dict]:
     if not isinstance(model, Baseline) or isinstance(model, DynMM):
         raise ValueError(f"DynMM expert {run_dir}: model {run['model']!r} is not a fusion baseline "
                          f"(text-only, late-fusion, tfn-style, lmf-style, gated)")
-    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    load_stored_state(model, torch.load(best, map_location="cpu", weights_only=True))
     return model, run
 
 

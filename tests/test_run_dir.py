@@ -75,3 +75,61 @@ def test_unusable_run_folders_are_one_line_user_errors(run, tmp_path):
     run.config_path.write_text("{}")
     with pytest.raises(RunDirError, match="not a training run config"):
         run.config()
+
+
+FROZEN_TEXT = ModelConfig(modalities=("text", "audio"), d_audio=3, head_dim=8, freeze_text=True)
+
+
+def test_a_frozen_text_encoder_is_stored_as_a_fingerprint_and_rebuilt_at_load(tmp_path):
+    """best.pt and last.pt of a frozen-text run leave the 90-MB pretrained encoder out; loading
+    rebuilds it from the local text model and gives back every weight the run had."""
+    from msaflow.model.weights import FINGERPRINT_KEY
+
+    torch.manual_seed(0)
+    model = build_model("late-fusion", FROZEN_TEXT)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    run.save_best(model)
+    stored = torch.load(run.best, weights_only=True)
+    assert not any(k.startswith("text_encoder.model.") for k in stored)
+    assert set(stored[FINGERPRINT_KEY]) == {"text_encoder.model."}
+    assert run.best.stat().st_size < 1_000_000  # the encoder alone is 90 MB
+    loaded = run.build_model()
+    expected = model.state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+    run.save_checkpoint({"model": stored, "optimizer": {}, "state": {"epoch": 1}})  # last.pt: the same form
+    assert RunDir.of_checkpoint(run.last).build_model() is not None
+
+
+def test_weights_of_other_pretrained_text_weights_are_refused(tmp_path):
+    from msaflow.model.weights import FINGERPRINT_KEY
+
+    model = build_model("late-fusion", FROZEN_TEXT)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    run.save_best(model)
+    stored = torch.load(run.best, weights_only=True)
+    stored[FINGERPRINT_KEY] = {"text_encoder.model.": "0" * 64}
+    torch.save(stored, run.best)
+    with pytest.raises(RunDirError, match="other pretrained weights"):
+        run.build_model()
+    # the same weights under a config that fine-tunes the text encoder: the encoder is missing
+    run.write_config({"model": "late-fusion", "model_config": {**FROZEN_TEXT.to_dict(), "freeze_text": False}})
+    with pytest.raises(RunDirError, match="freeze_text"):
+        run.build_model()
+
+
+def test_weights_saved_whole_still_load(tmp_path):
+    """A best.pt that holds the frozen encoder too (saved whole) loads as before."""
+    torch.manual_seed(1)
+    model = build_model("late-fusion", FROZEN_TEXT)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    torch.save(model.state_dict(), run.best)
+    loaded = run.build_model()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -108,7 +108,11 @@ def test_run_directory_holds_state_dicts_and_metrics(finished_run):
 
     run = finished_run / "a"
     assert {"config.json", "best.pt", "last.pt", "history.json", "metrics.json"} <= {p.name for p in run.iterdir()}
+    from msaflow.model.weights import FINGERPRINT_KEY
+
     state = torch.load(run / "best.pt", weights_only=True)
+    prints = state.pop(FINGERPRINT_KEY)  # the frozen text encoder: its fingerprint, not its 90 MB
+    assert list(prints) == ["text_encoder.model."] and not any(k.startswith("text_encoder.model.") for k in state)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics["rates"]) == [repr(round(0.1 * i, 1)) for i in range(11)]

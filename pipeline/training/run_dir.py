@@ -9,6 +9,8 @@
 
 Every `.pt` file holds tensors and plain containers only and is read with
 `torch.load(weights_only=True)`: a file holding pickled objects is refused, never unpickled.
+A frozen text encoder's pretrained weights are not stored, only their fingerprint: they are
+rebuilt from the local text model at load (`msaflow.model.weights`).
 `msaflow train` writes through this class, and `evaluate`, `predict`, `export-text` and
 `msaflow.load_run` read through it.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from msaflow.model.weights import load_stored_state, stored_state_dict
 from msaflow.pipeline.data.sources import DataError, Normaliser
 from msaflow.tario import atomic_path, write_json_atomic
 
@@ -112,7 +115,7 @@ class RunDir:
         except (ValueError, KeyError, TypeError) as exc:
             raise RunDirError(f"{self.config_path}: not a training run config ({exc})") from exc
         try:
-            model.load_state_dict(self.weights())
+            load_stored_state(model, self.weights())
         except (RuntimeError, ValueError, KeyError) as exc:
             raise RunDirError(f"{self.weights_path}: weights do not fit the model of {self.config_path.name} "
                               f"({str(exc).splitlines()[0]})") from exc
@@ -137,7 +140,7 @@ class RunDir:
         write_json_atomic(self.config_path, run)
 
     def save_best(self, model: torch.nn.Module) -> None:
-        _save(self.best, model.state_dict())
+        _save(self.best, stored_state_dict(model))
 
     def save_checkpoint(self, state: dict) -> None:
         _save(self.last, state)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from msaflow.model.config import ModelConfig, OptimConfig
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import build_model
+from msaflow.model.weights import load_stored_state, stored_state_dict
 from msaflow.pipeline.data.sources import DataError, Normaliser, PickleSource, keep_real
 from msaflow.pipeline.training import protocols
 from msaflow.pipeline.training.distributed import (DistContext, all_reduce_sum, barrier, gather_objects, to_device,
@@ -196,7 +197,7 @@ def restore(t: Trainer, ckpt: dict | None) -> None:
     """Weights, optimiser, RNG streams and progress from a checkpoint (None: a fresh run)."""
     if ckpt is None:
         return
-    t.model.load_state_dict(ckpt["model"])
+    load_stored_state(t.model, ckpt["model"])
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
     mask_states = ckpt["rng"].get("mask_by_rank") or [ckpt["rng"]["mask"]]
@@ -211,7 +212,7 @@ def save_checkpoint(t: Trainer, record: dict) -> None:
     mask_states = gather_objects(t.mask_gen.get_state())
     if t.ctx.is_main:
         t.run_dir.save_checkpoint({
-            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "state": t.state,
+            "model": stored_state_dict(t.model), "optimizer": t.optimizer.state_dict(), "state": t.state,
             "rng": {"shuffle": t.shuffle_gen.get_state(), "mask": mask_states[0], "mask_by_rank": mask_states,
                     "torch": torch.get_rng_state()},
             "lengths": t.run.lengths,
@@ -326,7 +327,7 @@ def score_test(t: Trainer, rescore: bool) -> None:
     """The best weights scored once on the test split (metrics.json); kept when no epoch ran in this call."""
     run, source, state = t.run, t.source, t.state
     if rescore or t.run_dir.metrics() is None:  # the test split is touched here only, with weights chosen on valid
-        t.model.load_state_dict(t.run_dir.weights())
+        load_stored_state(t.model, t.run_dir.weights())
         labels: dict = {}
         per_rate = score(t.model, test_batches(source, t.normalise), protocols.scored_rates(run),
                          corruption="missing", mask_seed=run.mask_seed, dataset=run.dataset,
