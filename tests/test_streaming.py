@@ -75,6 +75,18 @@ def test_bucketing_cuts_padding_and_keeps_every_sample(shards):
     assert padding(bucketed) < padding(plain)
 
 
+def test_a_short_last_batch_takes_the_shortest_clips(shards):
+    """Bucketed, the test split's 7 clips at batch 4 make a batch of 4 and one of 3: the 4 longest
+    clips fill the whole batch, so the widest batch shape (peak memory) is that of a larger split."""
+    source = ShardSource(shards, LengthConfig(), bucket=8)
+    whole = next(iter(ShardSource(shards, LengthConfig(), bucket=1).batches("test", 64)))
+    longest = sorted(zip(whole["audio_lengths"].tolist(), whole["id"]))[-4:]
+    batches = list(source.batches("test", 4))
+    assert [len(b["id"]) for b in batches] == [4, 3]  # the batch sizes keep their order
+    assert sorted(batches[0]["id"]) == sorted(i for _, i in longest)
+    assert batches[0]["audio"].shape[1] == max(whole["audio_lengths"].tolist())
+
+
 def test_streaming_statistics_equal_whole_split_statistics(shards):
     source = open_source(shards)
     streamed = streaming_stats(source.batches("train", 3))

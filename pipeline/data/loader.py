@@ -262,13 +262,30 @@ class ShardDataset(IterableDataset):
         for start in range(0, len(sizes), window):
             group = sizes[start: start + window]
             taken = [next(samples) for _ in range(sum(group))]
-            if window > 1:  # length bucketing: similar lengths share a batch, little padding
-                taken.sort(key=sample_length)
-            cuts = np.cumsum([0, *group])
-            batches = [taken[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+            batches = bucketed(taken, group) if window > 1 else cut(taken, group)
             order = rng.permutation(len(batches)) if (self.shuffle and window > 1) else range(len(batches))
             for i in order:
                 yield collate(batches[i], self.index.members)
+
+
+def cut(samples: list, sizes: list[int]) -> list[list]:
+    """`samples` cut in order into consecutive batches of `sizes`."""
+    cuts = np.cumsum([0, *sizes])
+    return [samples[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def bucketed(samples: list[Sample], sizes: list[int]) -> list[list[Sample]]:
+    """Length bucketing: batches of `sizes` (in that order) filled from the samples sorted by length.
+
+    Similar lengths share a batch, so padding stays small. A short batch (a split's last)
+    takes the shortest samples, so the longest ones fill a whole batch: the widest batch
+    shape, which sets peak memory, is then the same for a small split as for a large one."""
+    ranked = sorted(samples, key=sample_length)
+    by_size = sorted(range(len(sizes)), key=lambda i: sizes[i])  # stable: equal sizes keep their order
+    batches: list[list[Sample]] = [[] for _ in sizes]
+    for i, batch in zip(by_size, cut(ranked, [sizes[i] for i in by_size])):
+        batches[i] = batch
+    return batches
 
 
 def sample_length(sample: Sample) -> int:
