@@ -24,7 +24,7 @@ time: a missing package or model folder is a one-line error saying how to instal
 from __future__ import annotations
 
 import importlib.util
-import sys
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -236,8 +236,9 @@ class WhisperTinyEn(Recogniser):
             model = WhisperModel(str(folder), device="cuda", device_index=index, compute_type="float16")
             list(model.transcribe(np.zeros(SAMPLE_RATE, np.float32), language="en", vad_filter=False)[0])
         except (RuntimeError, ValueError, OSError) as exc:  # e.g. a CUDA library of the wrong version
-            print(f"msaflow: warning: speech recognition on {device} is unavailable ({str(exc).splitlines()[0]}); "
-                  f"running it on the CPU", file=sys.stderr)
+            logging.getLogger("msaflow.asr").warning(
+                f"msaflow: warning: speech recognition on {device} is unavailable ({str(exc).splitlines()[0]}); "
+                f"running it on the CPU")
             return None
         self.device, self.compute_type = "cuda", "float16"
         return model

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,8 +179,9 @@ def _acquire(path: Path, me: dict) -> int:
                 if locked is None and pid_alive(previous["pid"]):
                     raise LockError(f"{path.parent} is in use by {describe_holder(previous)}: "
                                     f"{_clear_hint(path, previous)}")
-                print(f"msaflow: note: took over the stale lock {path} of {describe_holder(previous)}: "
-                      f"that process is no longer running", file=sys.stderr)
+                logging.getLogger("msaflow.lock").warning(
+                    f"msaflow: note: took over the stale lock {path} of {describe_holder(previous)}: "
+                    f"that process is no longer running")
             data = (json.dumps(me, sort_keys=True) + "\n").encode("utf-8")
             os.ftruncate(fd, 0)
             os.pwrite(fd, data, 0)

@@ -32,7 +32,7 @@ from msaflow.pipeline.extraction.extract import run
 from msaflow.pipeline.extraction.settings import ExtractConfig
 from msaflow.pipeline.extraction.pool import environment_error
 from msaflow.lock import LockError, host_name, lock_path, output_lock
-from msaflow.datasets.manifest import MANIFEST_COLUMNS, sanitize_key
+from msaflow.datasets.manifest import MANIFEST_COLUMNS
 from msaflow.pipeline.data.shard_plan import ShardsConfig
 from msaflow.pipeline.data.shards import build_shards
 
@@ -220,14 +220,14 @@ def test_second_holder_of_a_folder_is_refused_naming_the_holder(tmp_path):
     assert not lock_path(tmp_path).exists()
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path, capsys):
+def test_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path, caplog):
     dead = subprocess.Popen(["true"])
     dead.wait()
     lock_path(tmp_path, "extract-1-of-1").write_text(json.dumps(
         {"pid": dead.pid, "host": host_name(), "command": "msaflow extract", "started": "2026-01-01T00:00:00"}))
     with output_lock(tmp_path, "msaflow extract", name="extract-1-of-1") as path:
         assert json.loads(path.read_text())["pid"] == os.getpid()
-    err = capsys.readouterr().err
+    err = caplog.text  # the msaflow.lock logger: stderr under the CLI
     assert "took over the stale lock" in err and f"pid {dead.pid}" in err
 
 
@@ -547,7 +547,7 @@ def test_a_damaged_failure_record_is_named_removed_and_its_clip_redone(content, 
     tally = _Tally()
     todo = _resume(tmp_path, jobs, tally)
     assert [j.key for j in todo] == ["grid_bbaf2n"] and not damaged.exists()
-    assert tally.failures == [good] and tally.counts["resumed"] == 1
+    assert tally.failures == [good] and tally.counts["resumed"] == 1 and tally.counts["redone"] == 1
     assert f"{damaged} is damaged" in caplog.text  # the msaflow.extract logger: stderr under the CLI
 
 

@@ -20,6 +20,7 @@ for DDP and never count in a loss sum or a metric.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -286,9 +287,7 @@ _WARNED: set[str] = set()
 
 
 def warn_pickle_once(path: Path) -> None:
-    import sys
-
     if str(path) not in _WARNED:
         _WARNED.add(str(path))
-        print(f"note: {path} is a pickle; loading it runs code stored in it: use pickles from trusted sources only",
-              file=sys.stderr)
+        logging.getLogger("msaflow.data").warning(
+            f"note: {path} is a pickle; loading it runs code stored in it: use pickles from trusted sources only")

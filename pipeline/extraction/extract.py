@@ -322,23 +322,25 @@ def _record_bad_rows(out: Path, bad_rows: list[dict], tally: _Tally) -> None:
 
 def _resume(out: Path, jobs: list, tally: _Tally) -> list:
     """Count the clips a run before finished (a kept tar, or a failure record); the jobs left to do.
-    A damaged tar is removed and its clip done again."""
+    A damaged tar or failure record is removed and its clip done again (counted as redone)."""
     from msaflow.extractors.asr import text_source
 
     todo = []
     for job in jobs:
         tar, fail = out / "clips" / f"{job.key}.tar", out / "failures" / f"{job.key}.json"
-        meta = None
-        if tar.exists() and (meta := _finished_clip(tar)) is None:
-            tally.counts.update(redone=1)
+        meta = record = None
+        damaged = tar.exists() and (meta := _finished_clip(tar)) is None
+        if meta is None and fail.exists():
+            damaged |= (record := _failure_record(fail)) is None
         if meta is not None:
             tally.counts.update(resumed=1)
             tally.kept(job, meta["n_frames"], meta["n_face_frames"], meta["has_audio"], meta["has_text"],
                        text_source(meta), meta.get("notes", []))
-        elif fail.exists() and (record := _failure_record(fail)) is not None:
+        elif record is not None:
             tally.counts.update(resumed=1)
             tally.failed(record)
         else:
+            tally.counts.update(redone=int(damaged))
             todo.append(job)
     return todo
 

@@ -123,21 +123,22 @@ def training_shards(run: dict) -> Path | None:
     return Path(data) if data and Path(data).is_dir() and is_shard_dir(data) else None
 
 
-def shards_extract_settings(run: dict) -> dict | None:
-    """The extraction settings the training shards' index records, when they are reachable."""
+def training_index(run: dict) -> tuple[Path | None, dict]:
+    """(the training shards, their train/index.json) when they are reachable, else (None, {})."""
     shards = training_shards(run)
     if shards is None:
-        return None
+        return None, {}
     try:
-        return json.loads((shards / "train" / "index.json").read_text(encoding="utf-8")).get("extract") or None
+        return shards, json.loads((shards / "train" / "index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return None, {}
 
 
 def extract_config(run: dict, override: Path | None, model_name: str):
     """The extraction settings of the training data; checked against the shards' config hash."""
     from msaflow.pipeline.extraction.settings import ExtractConfig, extract_config_hash, load_config
 
+    shards, index = training_index(run)  # read once: the settings of old runs, and the hash check
     if override is not None:
         try:
             cfg = load_config(override)
@@ -145,16 +146,14 @@ def extract_config(run: dict, override: Path | None, model_name: str):
             raise UnusableInput(str(exc)) from exc
     elif run.get("extract"):
         cfg = ExtractConfig.model_validate(run["extract"])
-    elif (recorded := shards_extract_settings(run)) is not None:  # a run from before runs recorded them
+    elif (recorded := index.get("extract")):  # a run from before runs recorded them
         cfg = ExtractConfig.model_validate(recorded)
     else:
         mode = "raw" if model_name == "end-to-end" else "features"
         log.warning(f"warning: the run records no extraction settings; using the defaults ({mode} mode). "
                     f"Pass --extract-config with the settings the training shards were made with.")
         cfg = ExtractConfig(mode=mode)
-    shards = training_shards(run)
     if shards is not None:
-        index = json.loads((shards / "train" / "index.json").read_text(encoding="utf-8"))
         recorded = index.get("config_hash")
         if recorded and recorded != extract_config_hash(cfg.model_dump(mode="json")):
             raise UnusableInput(f"{shards}: the training shards were extracted with other settings than "
