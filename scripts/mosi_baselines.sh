@@ -18,7 +18,7 @@
 # Resumable: a finished run is skipped, an interrupted one resumes from its checkpoint.
 # At the end: `msaflow evaluate` per (protocol, model) whose runs are all there (a row is every
 # seed and rate or none), and `scripts/baselines_table.py`, which rewrites the generated block of
-# RESULTS.md (WRITE=RESULTS.md) or prints the tables.
+# each protocol swept in RESULTS.md (WRITE=RESULTS.md) or prints the tables.
 #
 # Usage: scripts/mosi_baselines.sh [DATA.pkl]
 #   env: OUT (/tmp/msaflow-baselines), SEEDS ("0 1 2"), PROTOCOLS ("single-model lnln per-rate"),
