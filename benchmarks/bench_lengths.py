@@ -1,4 +1,4 @@
-"""EMT-DLFR on a 60-s clip: one training step at the default length caps vs uncapped.
+"""EMT-DLFR (or EMT) on a 60-s clip: one training step at the default length caps vs uncapped.
 
 A 60-s clip in features mode is 6,000 audio steps (CREPE-tiny, 258-d at 100 Hz), 1,500
 vision frames (FER, 135-d at 25 fps) and up to 128 text tokens (MiniLM, 384-d). The batch
@@ -8,6 +8,9 @@ peak RSS is its own. One step = compute_loss on (complete, incomplete at r = 0.5
 backward; the median of `--steps` steps after one warm-up step.
 
     python benchmarks/bench_lengths.py [--batch 4] [--steps 3]
+    python benchmarks/bench_lengths.py --model emt --batch 1 --settings default,uncapped
+
+`--model emt` (no DLFR) trains on a batch of one clip, which DLFR's BatchNorm refuses.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ SETTINGS = {
 }
 
 
-def one_setting(name: str, batch: int, steps: int) -> dict:
+def one_setting(name: str, batch: int, steps: int, model_name: str = "emt-dlfr") -> dict:
     import numpy as np
     import torch
 
@@ -59,7 +62,7 @@ def one_setting(name: str, batch: int, steps: int) -> dict:
     members = tuple(samples[0].arrays)
     order = ("text_ids.npy", "text.npy", "audio.npy", "audio_mask.npy", "vision.npy", "vision_mask.npy")
     batch_dict = collate(samples, tuple(m for m in order if m in members))
-    model = build_model("emt-dlfr", ModelConfig(d_text=DIMS["text"], d_audio=DIMS["audio"], d_vision=DIMS["vision"],
+    model = build_model(model_name, ModelConfig(d_text=DIMS["text"], d_audio=DIMS["audio"], d_vision=DIMS["vision"],
                                                 freeze_text=True))
     model.train()
     times = []
@@ -80,22 +83,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--model", default="emt-dlfr", choices=("emt-dlfr", "emt"))
+    p.add_argument("--settings", default="", help="comma-separated first words of the settings to run "
+                                                  "(default, uncapped, audio; default: all)")
     p.add_argument("--setting", help=argparse.SUPPRESS)  # internal: run one setting in this process
     args = p.parse_args()
     if args.setting:
-        print(json.dumps(one_setting(args.setting, args.batch, args.steps)))
+        print(json.dumps(one_setting(args.setting, args.batch, args.steps, args.model)))
         return 0
+    wanted = [w for w in args.settings.split(",") if w]
     rows = []
     for name in SETTINGS:
+        if wanted and name.split()[0] not in wanted:
+            continue
         done = subprocess.run([sys.executable, __file__, "--setting", name, "--batch", str(args.batch),
-                               "--steps", str(args.steps)], capture_output=True, text=True)
+                               "--steps", str(args.steps), "--model", args.model], capture_output=True, text=True)
         if done.returncode:
             why = "killed (out of memory?)" if done.returncode in (-9, 137) else done.stderr.strip().splitlines()[-1]
             rows.append({"setting": name, "error": f"exit {done.returncode}: {why}"})
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\nEMT-DLFR training step, batch of {args.batch} clips of {SECONDS:.0f} s (features mode), 2 threads\n")
+    print(f"\n{args.model} training step, batch of {args.batch} clip(s) of {SECONDS:.0f} s (features mode), 2 threads\n")
     print("| setting | text / audio / vision steps | step s | peak RSS MB |\n|---|---|---:|---:|")
     base = rows[0].get("step_s")
     for r in rows:
