@@ -45,7 +45,7 @@ def stored_state_dict(model: nn.Module) -> dict:
     if not frozen:
         return state
     prints = {prefix: _cached_fingerprint(module) for prefix, module in frozen.items()}
-    state = {k: v for k, v in state.items() if not any(k.startswith(prefix) for prefix in frozen)}
+    state = {k: v for k, v in state.items() if not _under(k, frozen)}
     state[FINGERPRINT_KEY] = prints
     return state
 
@@ -73,9 +73,14 @@ def load_stored_state(model: nn.Module, state: dict) -> None:
                              f"than the local text model holds (SHA-256 {prints[prefix][:12]}... stored, "
                              f"{_cached_fingerprint(module)[:12]}... installed): install the text model the run used")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not any(k.startswith(prefix) for prefix in frozen)]
+    missing = [k for k in missing if not _under(k, frozen)]
     if missing or unexpected:
         raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
+def _under(key: str, prefixes) -> bool:
+    """Whether a state-dict key belongs to one of the left-out encoders."""
+    return any(key.startswith(prefix) for prefix in prefixes)
 
 
 def _cached_fingerprint(module: nn.Module) -> str:

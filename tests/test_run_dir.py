@@ -80,6 +80,14 @@ def test_unusable_run_folders_are_one_line_user_errors(run, tmp_path):
 FROZEN_TEXT = ModelConfig(modalities=("text", "audio"), d_audio=3, head_dim=8, freeze_text=True)
 
 
+def _frozen_text_run(tmp_path) -> RunDir:
+    """An empty run folder whose config.json is a late-fusion model with a frozen text encoder."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    return run
+
+
 def test_a_frozen_text_encoder_is_stored_as_a_fingerprint_and_rebuilt_at_load(tmp_path):
     """best.pt and last.pt of a frozen-text run leave the 90-MB pretrained encoder out; loading
     rebuilds it from the local text model and gives back every weight the run had."""
@@ -87,9 +95,7 @@ def test_a_frozen_text_encoder_is_stored_as_a_fingerprint_and_rebuilt_at_load(tm
 
     torch.manual_seed(0)
     model = build_model("late-fusion", FROZEN_TEXT)
-    run = RunDir(tmp_path / "run")
-    run.path.mkdir()
-    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    run = _frozen_text_run(tmp_path)
     run.save_best(model)
     stored = torch.load(run.best, weights_only=True)
     assert not any(k.startswith("text_encoder.model.") for k in stored)
@@ -108,9 +114,7 @@ def test_weights_of_other_pretrained_text_weights_are_refused(tmp_path):
     from msaflow.model.weights import FINGERPRINT_KEY
 
     model = build_model("late-fusion", FROZEN_TEXT)
-    run = RunDir(tmp_path / "run")
-    run.path.mkdir()
-    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    run = _frozen_text_run(tmp_path)
     run.save_best(model)
     stored = torch.load(run.best, weights_only=True)
     stored[FINGERPRINT_KEY] = {"text_encoder.model.": "0" * 64}
@@ -127,9 +131,7 @@ def test_weights_saved_whole_still_load(tmp_path):
     """A best.pt that holds the frozen encoder too (saved whole) loads as before."""
     torch.manual_seed(1)
     model = build_model("late-fusion", FROZEN_TEXT)
-    run = RunDir(tmp_path / "run")
-    run.path.mkdir()
-    run.write_config({"model": "late-fusion", "model_config": FROZEN_TEXT.to_dict()})
+    run = _frozen_text_run(tmp_path)
     torch.save(model.state_dict(), run.best)
     loaded = run.build_model()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
