@@ -422,7 +422,7 @@ def format_summary(summary: dict) -> str:
     c, s = summary["counts"], summary["seconds"]
     lines = [f"extract {summary['chunk']} ({summary['mode']}, {summary['device']}): "
              f"{c['ok']} ok, {c['failed']} failed of {c['clips']} clips ({c['resumed']} already done"
-             f"{', ' + str(c['redone']) + ' damaged tar(s) redone' if c.get('redone') else ''})",
+             f"{', ' + str(c['redone']) + ' damaged clip output(s) redone' if c.get('redone') else ''})",
              f"  missing modalities: {c['no_face']} clips without any face "
              f"({c['face_frames_missing']} frames without face), {c['no_audio']} without audio, "
              f"{c['empty_text']} with empty text"]
