@@ -91,3 +91,16 @@ def test_two_gloo_processes_see_each_sample_once(shard_dir, tmp_path):
     assert real == expected and len(expected) == 13
     assert len(result["seen"][0]) == len(result["seen"][1])  # padded to equal length
     assert result["mean_rank"] == 0.5
+
+
+def test_views_of_one_batch_go_to_the_device_sharing_their_tensors():
+    """The complete and incomplete views share their raw members: one copy each, not two."""
+    face, label = torch.zeros(2, 3, 4, 4, 3, dtype=torch.uint8), torch.ones(2)
+    complete = {"id": ["a", "b"], "face": face, "label": label, "text_ids": torch.ones(2, 5, dtype=torch.long)}
+    incomplete = dict(complete, text_ids=torch.zeros(2, 5, dtype=torch.long))
+    c, i = D.views_to_device((complete, incomplete), torch.device("meta"))  # a real copy, unlike cpu -> cpu
+    assert c["face"].device.type == "meta" and c["face"].dtype == torch.uint8  # crops stay uint8 on the way
+    assert c["face"] is i["face"] and c["label"] is i["label"]
+    assert c["text_ids"] is not i["text_ids"] and c["id"] == i["id"] == ["a", "b"]
+    separate = (D.to_device(complete, torch.device("meta")), D.to_device(incomplete, torch.device("meta")))
+    assert separate[0]["face"] is not separate[1]["face"]  # what a per-view copy does

@@ -413,3 +413,23 @@ def test_features_mode_run_has_the_samples_and_failures_of_raw_mode(shared_data,
     assert not no_audio["audio_mask.npy"].any() and no_audio["vision_mask.npy"].mean() >= 0.95
     _, no_face = read_sample_tar(feat_dir / "clips" / "bad_no_face.tar")
     assert not no_face["vision_mask.npy"].any() and no_face["audio_mask.npy"].mean() > 0.9
+
+
+def test_crepe_batch_of_clips_equals_each_clip_alone(shared_data):
+    """A padded batch of clips gives each clip the features it gets alone (eval mode)."""
+    fe = F.build("audio=crepe-tiny")["audio"].eval()
+    wav = torch.from_numpy(decode_wav(shared_data / "raw" / "hdtf" / "hdtf_aoc.mp4")[: 2 * SAMPLE_RATE])
+    clips = [wav[:SAMPLE_RATE], wav[SAMPLE_RATE // 2 : SAMPLE_RATE // 2 + 3 * SAMPLE_RATE // 2 + 80], wav[:2 * SAMPLE_RATE]]
+    steps = [n_steps_for(len(c)) for c in clips]
+    batch = torch.zeros(len(clips), max(len(c) for c in clips), dtype=wav.dtype)
+    mask = torch.zeros(len(clips), max(steps), dtype=torch.bool)
+    for i, (c, n) in enumerate(zip(clips, steps)):
+        batch[i, : len(c)], mask[i, :n] = c, True
+    with torch.no_grad():
+        together = fe(batch, mask)
+        alone = [fe(c[None], torch.ones(1, n, dtype=torch.bool))[0] for c, n in zip(clips, steps)]
+    assert together.shape == (3, 200, 258)
+    for i, (one, n) in enumerate(zip(alone, steps)):
+        # a clip's last windows read past its end: zeros alone, the zero padding in the batch
+        torch.testing.assert_close(together[i, :n], one, atol=1e-4, rtol=1e-4)
+        assert not together[i, n:].any()

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,17 @@ def test_a_train_split_smaller_than_the_batch_trains(tmp_path, capsys):
     assert config["optim_config"]["batch_size"] == 7 and history[0]["train_samples"] == 7
     assert config["optim_config"]["grad_accum"] == 1  # one batch per epoch: every epoch takes its step
     assert torch.load(out / "last.pt", weights_only=True)["optimizer"]["state"]
+
+
+def test_a_pinned_source_gives_the_same_batches(shards):
+    """`pin_memory` (set by `msaflow train` on a GPU) changes where batches live, not what they hold;
+    without a GPU the loader leaves them in ordinary memory (torch warns that nothing is pinned)."""
+    plain = list(open_source(shards).batches("train", 4, shuffle=True, seed=3))
+    with pytest.warns(UserWarning, match="pin_memory") if not torch.cuda.is_available() else nullcontext():
+        pinned = list(open_source(shards, pin_memory=True).batches("train", 4, shuffle=True, seed=3))
+    assert len(pinned) == len(plain)
+    for a, b in zip(plain, pinned):
+        assert a["id"] == b["id"]
+        for k, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, b[k]) and b[k].is_pinned() == torch.cuda.is_available(), k

@@ -127,9 +127,10 @@ class ShardSource:
     """A shard folder, streamed split by split."""
 
     def __init__(self, shard_dir: str | Path, lengths: LengthConfig, *, limit: int = 0, workers: int = 0,
-                 bucket: int = 8, shuffle_buffer: int | None = None):
+                 bucket: int = 8, shuffle_buffer: int | None = None, pin_memory: bool = False):
         self.path, self.lengths, self.limit, self.workers = shard_location(shard_dir), lengths, limit, workers
         self.bucket, self.shuffle_buffer = bucket, shuffle_buffer
+        self.pin_memory = pin_memory  # page-locked batches: copies to a GPU run asynchronously
         self.index = {}
         for s in SPLITS:  # a local folder or a URL (s3://, http(s)://, pipe:)
             try:
@@ -168,7 +169,7 @@ class ShardSource:
         loader = make_loader(self.path, split, -(-batch_size // world_size), shuffle=shuffle, seed=seed, epoch=epoch,
                              num_workers=self.workers, rank=rank, world_size=world_size, drop_last=drop_last,
                              transform=self._transform, bucket=self.bucket, limit=self.limit,
-                             shuffle_buffer=self.shuffle_buffer)
+                             shuffle_buffer=self.shuffle_buffer, pin_memory=self.pin_memory)
         return iter(loader)
 
     def fit_normaliser(self) -> Normaliser:
@@ -266,11 +267,12 @@ def is_shard_dir(path: str | Path) -> bool:
 
 
 def open_source(path: str | Path, lengths: LengthConfig | None = None, *, limit: int = 0, workers: int = 0,
-                bucket: int = 8, shuffle_buffer: int | None = None):
+                bucket: int = 8, shuffle_buffer: int | None = None, pin_memory: bool = False):
     """The shard folder or MMSA pickle at `path` as a data source (see the module docstring)."""
     lengths = lengths or LengthConfig()
     if is_shard_dir(path):
-        return ShardSource(path, lengths, limit=limit, workers=workers, bucket=bucket, shuffle_buffer=shuffle_buffer)
+        return ShardSource(path, lengths, limit=limit, workers=workers, bucket=bucket, shuffle_buffer=shuffle_buffer,
+                           pin_memory=pin_memory)
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: a folder without <split>/index.json: not a shard folder written by `msaflow shards`")

@@ -46,8 +46,8 @@ from msaflow.model.registry import build_model
 from msaflow.model.weights import load_stored_state, stored_state_dict
 from msaflow.pipeline.data.sources import DataError, Normaliser, PickleSource, keep_real
 from msaflow.pipeline.training import protocols
-from msaflow.pipeline.training.distributed import (DistContext, all_reduce_sum, barrier, gather_objects, to_device,
-                                                   wrap_model)
+from msaflow.pipeline.training.distributed import (DistContext, all_reduce_sum, barrier, gather_objects,
+                                                   views_to_device, wrap_model)
 from msaflow.pipeline.training.evaluate import run_text_cache, score
 from msaflow.pipeline.training.resume import start_or_resume
 from msaflow.pipeline.training.run_config import RunConfig, batches_per_epoch
@@ -277,7 +277,7 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict[str, float], int]:
         rate = train_rate(t.run, t.mask_gen)
         complete, incomplete = views(t.normalise(batch), rate, t.run, "train", generator=t.mask_gen, cache=t.cache,
                                      drop=missing_simulation(model))
-        loss, logs = t.loss_step(to_device(complete, t.ctx.device), to_device(incomplete, t.ctx.device))
+        loss, logs = t.loss_step(*views_to_device((complete, incomplete), t.ctx.device))
         loss.backward()
         if (step + 1) % optim.grad_accum == 0:
             t.optimizer.step()
@@ -304,7 +304,7 @@ def validation_loss(model, source, normalise: Normaliser, run: RunConfig, batch_
                 continue
             batch = normalise(batch)
             complete, incomplete = views(batch, rate, run, "valid", cache=cache, drop=missing_simulation(model))
-            _, logs = model.compute_loss(to_device(complete, device), to_device(incomplete, device))
+            _, logs = model.compute_loss(*views_to_device((complete, incomplete), device))
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * len(batch["id"])
     n = source.size("valid") * len(run.valid_rates)

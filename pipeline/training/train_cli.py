@@ -128,7 +128,8 @@ def run_training(args: argparse.Namespace) -> Path:
     ctx = init_distributed(options.device)  # under torchrun: one process per GPU (gloo on CPU)
     try:
         source = open_source(options.data, lengths, limit=options.limit, workers=options.workers,
-                             bucket=options.bucket, shuffle_buffer=options.shuffle_buffer)
+                             bucket=options.bucket, shuffle_buffer=options.shuffle_buffer,
+                             pin_memory=ctx.device.type == "cuda")
         asked = build_run_config(options, source, config)  # every check before the run folder is made
         # one writer per run folder (DDP: rank 0 holds it for all ranks)
         with output_lock(options.out, "msaflow train") if ctx.is_main else nullcontext():
