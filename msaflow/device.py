@@ -26,3 +26,22 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> "torch.device":
     if local_rank >= torch.cuda.device_count():
         raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible")
     return torch.device("cuda", local_rank)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a cluster job's share, not the machine's)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscription(threads: int, processes: int = 1) -> str | None:
+    """Why `threads` torch threads in each of `processes` processes are too many for this
+    machine's usable cores, or None. Oversubscribed threads wait on each other; bfloat16
+    kernels suffer most (a CPU bf16 step took 4.5x as long with 4 threads on 2 cores as with
+    2, fp32 1.06x: BENCHMARKS.md)."""
+    cores = usable_cores()
+    if threads * processes <= cores:
+        return None
+    return (f"{threads} torch thread(s) x {processes} process(es) on {cores} usable CPU core(s): the threads "
+            f"wait on each other (bf16 steps slow down most); use --threads {max(1, cores // processes)}")

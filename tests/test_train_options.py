@@ -120,3 +120,17 @@ def test_the_short_workflow_command_trains_the_run_of_the_flag_string(shards, tm
     assert read(short, "config.json") == read(long, "config.json")
     assert read(short, "config.json")["protocol"] == "per-rate" and read(short, "config.json")["missing_rate"] == 0.3
     assert read(short, "metrics.json")["rates"] == read(long, "metrics.json")["rates"]
+
+
+def test_more_threads_than_usable_cores_is_warned_about(shards, tmp_path, capsys):
+    from msaflow.device import oversubscription, usable_cores
+
+    cores = usable_cores()
+    assert oversubscription(cores) is None and oversubscription(1, cores) is None
+    assert f"use --threads {max(1, cores // 2)}" in oversubscription(cores, 2)
+    common = ["train", "--data", str(shards), "--model", "emt", "--epochs", "1", "--batch-size", "4",
+              "--freeze-text", "--device", "cpu"]
+    assert cli([*common, "-o", str(tmp_path / "fits"), "--threads", str(cores)]) == 0
+    assert "usable CPU core" not in capsys.readouterr().err
+    assert cli([*common, "-o", str(tmp_path / "too_many"), "--threads", str(cores + 1)]) == 0  # a warning, not an error
+    assert f"{cores + 1} torch thread(s) x 1 process(es) on {cores} usable CPU core(s)" in capsys.readouterr().err

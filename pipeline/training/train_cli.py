@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from msaflow.contract import MODALITIES
-from msaflow.device import DEVICES
+from msaflow.device import DEVICES, oversubscription
 from msaflow.lock import output_lock
 from msaflow.model.registry import available_models
 from msaflow.pipeline.data.lengths import LengthConfig
@@ -126,6 +127,9 @@ def run_training(args: argparse.Namespace) -> Path:
     lengths = check_arguments(options, config)
     torch.set_num_threads(options.threads)
     ctx = init_distributed(options.device)  # under torchrun: one process per GPU (gloo on CPU)
+    problem = oversubscription(options.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if problem and ctx.device.type == "cpu" and ctx.is_main:
+        log.warning(f"msaflow train: {problem}")
     try:
         source = open_source(options.data, lengths, limit=options.limit, workers=options.workers,
                              bucket=options.bucket, shuffle_buffer=options.shuffle_buffer,
