@@ -128,7 +128,7 @@ def index_modalities(mode: str, modalities=("text", "audio", "vision")) -> dict:
 
 
 def write_split(shard_dir: Path, split: str, mode: str, shard_sizes: list[int], *, seed: int = 0,
-                first_number: int = 0, modalities=("text", "audio", "vision")) -> list[Clip]:
+                first_number: int = 0, modalities=("text", "audio", "vision"), unlabeled=()) -> list[Clip]:
     """Write SHARD_DIR/<split>/<split>-%06d.tar + index.json; the clips in sequence order."""
     rng = np.random.default_rng(seed)
     split_dir = shard_dir / split
@@ -138,7 +138,10 @@ def write_split(shard_dir: Path, split: str, mode: str, shard_sizes: list[int], 
         with atomic_path(split_dir / name) as tmp, TarWriter(tmp) as writer:
             for _ in range(size):
                 clip = make_clip(number, rng)
-                writer.add_sample(clip.key, members(clip, mode, rng, modalities))
+                sample = members(clip, mode, rng, modalities)
+                if clip.number in unlabeled:  # an empty label in the manifest
+                    sample["json"]["label"] = None
+                writer.add_sample(clip.key, sample)
                 clips.append(clip)
                 number += 1
         digest = hashlib.sha256((split_dir / name).read_bytes()).hexdigest()

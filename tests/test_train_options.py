@@ -5,6 +5,7 @@ the workflow's short train command equal to the flag-string form."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,31 @@ def test_more_threads_than_usable_cores_is_warned_about(shards, tmp_path, capsys
     assert "usable CPU core" not in capsys.readouterr().err
     assert cli([*common, "-o", str(tmp_path / "too_many"), "--threads", str(cores + 1)]) == 0  # a warning, not an error
     assert f"{cores + 1} torch thread(s) x 1 process(es) on {cores} usable CPU core(s)" in capsys.readouterr().err
+
+
+def test_unlabeled_clips_are_refused_naming_them(tmp_path, capsys):
+    """A folder of videos without labels.csv gives clips without labels: a one-line error, not a NaN loss."""
+    from msaflow.pipeline.data.sources import open_source
+
+    common = ["train", "--model", "emt", "--epochs", "1", "--batch-size", "4", "--freeze-text", "--device", "cpu",
+              "--threads", "1"]
+
+    def corpus(root: Path, unlabeled) -> list:
+        clips = write_split(root, "train", "features", [6, 4], seed=1, unlabeled=unlabeled)
+        write_split(root, "valid", "features", [4], seed=2, first_number=100)
+        write_split(root, "test", "features", [5], seed=3, first_number=200)
+        return clips
+
+    corpus(tmp_path / "none", range(10))
+    assert cli([*common, "--data", str(tmp_path / "none"), "-o", str(tmp_path / "run_none")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"train split: 8 clip\(s\) of a batch of 8 have no label \(\S+/\d, .* \.\.\.\): training "
+                     r"needs a label on every train and valid clip", err), err
+    assert "labels CSV" in err and not (tmp_path / "run_none").exists()  # refused before the run folder
+    # one unlabeled clip outside the first batch that the up-front check reads: found when training reaches it
+    clips = corpus(tmp_path / "some", ())
+    first = set(next(iter(open_source(tmp_path / "some").batches("train", 8)))["id"])
+    late = next(c for c in clips if c.id not in first)
+    corpus(tmp_path / "some", {late.number})
+    assert cli([*common, "--data", str(tmp_path / "some"), "-o", str(tmp_path / "run_some")]) == 2
+    assert f"train split: 1 clip(s) of a batch of 4 have no label ({late.id})" in capsys.readouterr().err

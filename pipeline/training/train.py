@@ -96,6 +96,18 @@ def views(batch: dict, rate: float, run: RunConfig, split_name: str, generator: 
     return cache.attach(batch, split_name, 0.0), cache.attach(incomplete, split_name, rate)
 
 
+def require_labels(batch: dict, split_name: str) -> None:
+    """Training and model selection need a label on every clip: an unlabeled one (empty label in
+    the manifest, e.g. a folder of videos without labels.csv) would make the loss NaN."""
+    missing = torch.isnan(batch["label"])
+    if bool(missing.any()):
+        ids = [batch["id"][i] for i in torch.nonzero(missing).flatten().tolist()]
+        raise DataError(f"{split_name} split: {len(ids)} clip(s) of a batch of {len(batch['id'])} have no label "
+                        f"({', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}): training needs a label on every "
+                        f"train and valid clip; give them in the dataset's labels CSV (docs/datasets.md), or put "
+                        f"unlabeled clips in the test split and score them with `msaflow predict`")
+
+
 class LossStep(torch.nn.Module):
     """`model.compute_loss` as a forward pass, so DistributedDataParallel can wrap it: DDP
     averages gradients over processes only for work done inside its wrapper's forward."""
@@ -274,6 +286,7 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict[str, float], int]:
         if step == n_batches:  # every rank stops at the same step
             break
         progress(step)
+        require_labels(batch, "train")
         rate = train_rate(t.run, t.mask_gen)
         complete, incomplete = views(t.normalise(batch), rate, t.run, "train", generator=t.mask_gen, cache=t.cache,
                                      drop=missing_simulation(model))
@@ -302,6 +315,7 @@ def validation_loss(model, source, normalise: Normaliser, run: RunConfig, batch_
             batch = keep_real(batch)
             if not batch["id"]:  # this rank's share of the last step was only top-up rows
                 continue
+            require_labels(batch, "valid")
             batch = normalise(batch)
             complete, incomplete = views(batch, rate, run, "valid", cache=cache, drop=missing_simulation(model))
             _, logs = model.compute_loss(*views_to_device((complete, incomplete), device))

@@ -28,7 +28,7 @@ from msaflow.pipeline.training.options import (PRESETS, ConfigFile, TrainOptions
 from msaflow.pipeline.training.rates import PROTOCOLS
 from msaflow.pipeline.training.run_config import build_run_config
 from msaflow.pipeline.training.run_dir import RunDir
-from msaflow.pipeline.training.train import train
+from msaflow.pipeline.training.train import require_labels, train
 
 log = logging.getLogger("msaflow.train")
 
@@ -135,6 +135,10 @@ def run_training(args: argparse.Namespace) -> Path:
                              bucket=options.bucket, shuffle_buffer=options.shuffle_buffer,
                              pin_memory=ctx.device.type == "cuda")
         asked = build_run_config(options, source, config)  # every check before the run folder is made
+        for split in ("train", "valid"):  # a corpus without labels is refused before the run folder is made
+            first = next(iter(source.batches(split, 8)), None)
+            if first is not None:
+                require_labels(first, split)
         # one writer per run folder (DDP: rank 0 holds it for all ranks)
         with output_lock(options.out, "msaflow train") if ctx.is_main else nullcontext():
             train(RunDir(options.out), ctx, source, asked)
