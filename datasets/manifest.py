@@ -226,6 +226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-seed", type=int, help="seed of the by-video split")
     parser.add_argument("--config", help="YAML: the manifest options, or a workflow config "
                                          "whose `dataset:` section holds them and `root`")
+    parser.add_argument("--require-labels", metavar="SPLITS", default="",
+                        help="comma list of splits whose clips must all have a label (the workflow, which "
+                             "trains on them: train,valid); an unlabeled one is an error, nothing written")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[ManifestConfig, str | None]:
@@ -235,6 +238,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[ManifestConfig, str | No
                  "default_split": args.default_split, "split_seed": args.split_seed}
     cfg = ManifestConfig.model_validate(cfg.model_dump() | {k: v for k, v in overrides.items() if v is not None})
     return cfg, args.root or root
+
+
+def unlabeled_rows(df: pd.DataFrame, splits: list[str]) -> list[str]:
+    """Ids of the clips in `splits` without a label."""
+    if not splits or df.empty:
+        return []
+    return df.loc[df["split"].isin(splits) & df["label"].isna(), "id"].astype(str).tolist()
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,6 +261,13 @@ def main(args: argparse.Namespace) -> int:
     except ManifestError as exc:
         log.error("\n".join([f"msaflow manifest: {len(exc.problems)} problem(s) in {root}; nothing written:",
                              *(f"  {problem}" for problem in exc.problems)]))
+        return 2
+    unlabeled = unlabeled_rows(df, [x.strip() for x in args.require_labels.split(",") if x.strip()])
+    if unlabeled:
+        log.error(f"msaflow manifest: {len(unlabeled)} {args.require_labels} clip(s) of {root} have no label "
+                  f"({', '.join(unlabeled[:5])}{' ...' if len(unlabeled) > 5 else ''}); nothing written: training "
+                  f"needs them. Give labels (and splits, transcripts) in the dataset's labels CSV "
+                  f"(docs/datasets.md), or set their split to test")
         return 2
     write_manifest(df, args.output)
     log.info(f"{args.output}: {len(df)} clips read as {df.attrs['format']}")

@@ -394,3 +394,22 @@ def test_console_script_exit_status(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert len(read_manifest(tmp_path / "m.csv")) == 11
+
+
+def test_required_labels_stop_an_unlabeled_folder_before_anything_is_written(tmp_path, grid, capsys):
+    """The workflow's manifest step asks for labels on train and valid: a folder of videos without
+    labels.csv stops there (naming the clips), not after hours of extraction at the training step."""
+    root = tmp_path / "vids"
+    for name in ("bbaf2n", "pwij3p", "sbia1a"):
+        put(grid[name], root / f"{name}.mpg")
+    out = tmp_path / "manifest.csv"
+    base = ["manifest", str(root), "-o", str(out), "--default-split", "by-video"]
+    assert cli_main([*base, "--require-labels", "train,valid"]) == 2
+    err = capsys.readouterr().err
+    assert "3 train,valid clip(s)" in err and "bbaf2n/whole" in err and "labels CSV" in err and not out.exists()
+    assert cli_main(base) == 0 and out.exists()  # without the flag: unlabeled clips are fine (prediction)
+    out.unlink()
+    write_csv(root / "labels.csv", "file,label\nbbaf2n.mpg,1.0\npwij3p.mpg,-2.0\nsbia1a.mpg,0.5\n")
+    assert cli_main([*base, "--require-labels", "train,valid"]) == 0 and out.exists()
+    write_csv(root / "labels.csv", "file,label,split\nbbaf2n.mpg,1.0,train\npwij3p.mpg,-2.0,valid\nsbia1a.mpg,,test\n")
+    assert cli_main([*base, "--require-labels", "train,valid"]) == 0  # an unlabeled test clip is allowed

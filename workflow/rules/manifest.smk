@@ -20,4 +20,5 @@ rule manifest:
     conda:
         "../envs/msaflow.yaml"
     shell:
-        "msaflow manifest -o {output:q} --config {params.config:q} > {log:q} 2>&1"
+        # the workflow trains on train and valid: unlabeled clips there stop it here, before extraction
+        "msaflow manifest -o {output:q} --config {params.config:q} --require-labels train,valid > {log:q} 2>&1"
