@@ -374,3 +374,18 @@ def test_a_pinned_source_gives_the_same_batches(shards):
         for k, v in a.items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, b[k]) and b[k].is_pinned() == torch.cuda.is_available(), k
+
+
+def test_first_batch_reads_the_first_samples_only(shards):
+    """`msaflow train` looks at each split's first samples before making the run folder: the same
+    samples a plain sequential read starts with, at most `limit`, and None for an empty split."""
+    from msaflow.pipeline.data.loader import make_loader
+
+    sequential = next(iter(make_loader(shards, "train", 17, shuffle=False)))["id"]
+    assert open_source(shards).first_batch("train", 5)["id"] == sequential[:5]
+    assert open_source(shards, limit=3).first_batch("train", 8)["id"] == sequential[:3]
+    empty = shards.parent / f"{shards.name}_empty_valid"
+    shutil.copytree(shards, empty)
+    (empty / "valid").rename(empty / "valid_full")
+    write_split(empty, "valid", "features", [], seed=2)
+    assert open_source(empty).first_batch("valid", 8) is None

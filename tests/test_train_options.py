@@ -158,7 +158,7 @@ def test_unlabeled_clips_are_refused_naming_them(tmp_path, capsys):
     assert "labels CSV" in err and not (tmp_path / "run_none").exists()  # refused before the run folder
     # one unlabeled clip outside the first batch that the up-front check reads: found when training reaches it
     clips = corpus(tmp_path / "some", ())
-    first = set(next(iter(open_source(tmp_path / "some").batches("train", 8)))["id"])
+    first = set(open_source(tmp_path / "some").first_batch("train", 8)["id"])
     late = next(c for c in clips if c.id not in first)
     corpus(tmp_path / "some", {late.number})
     assert cli([*common, "--data", str(tmp_path / "some"), "-o", str(tmp_path / "run_some")]) == 2

@@ -172,6 +172,14 @@ class ShardSource:
                              shuffle_buffer=self.shuffle_buffer, pin_memory=self.pin_memory)
         return iter(loader)
 
+    def first_batch(self, split: str, n: int) -> dict | None:
+        """The split's first `n` samples as one batch (None if it is empty), read without the
+        bucketing window or workers: a look at what a split holds that reads only those samples."""
+        if self.index[split].n_samples == 0:
+            return None
+        limit = min(n, self.limit) if self.limit else n
+        return next(iter(make_loader(self.path, split, n, shuffle=False, rank=0, world_size=1, limit=limit)), None)
+
     def fit_normaliser(self) -> Normaliser:
         return streaming_stats(self.batches("train", EVAL_BATCH))
 
@@ -228,6 +236,10 @@ class PickleSource:
                 if len(index) == 0:
                     continue
             yield {**data.batch(index), "weight": torch.ones(len(index))}
+
+    def first_batch(self, split: str, n: int) -> dict | None:
+        """The split's first `n` samples as one batch (None if it is empty)."""
+        return next(self.batches(split, n), None)
 
     def fit_normaliser(self) -> Normaliser:
         """Statistics over the whole train split at once (before `limit`), as for pickles before."""

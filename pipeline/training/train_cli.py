@@ -136,7 +136,7 @@ def run_training(args: argparse.Namespace) -> Path:
                              pin_memory=ctx.device.type == "cuda")
         asked = build_run_config(options, source, config)  # every check before the run folder is made
         for split in ("train", "valid"):  # a corpus without labels is refused before the run folder is made
-            first = next(iter(source.batches(split, 8)), None)
+            first = source.first_batch(split, 8)
             if first is not None:
                 require_labels(first, split)
         # one writer per run folder (DDP: rank 0 holds it for all ranks)
