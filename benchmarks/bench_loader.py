@@ -84,11 +84,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msaflow.device import usable_cores
 from msaflow.model.config import ModelConfig
 from msaflow.model.missing import simulate_missing
 from msaflow.model.registry import build_model
 from msaflow.pipeline.data.loader import make_loader
 from msaflow.pipeline.data.shard_index import SplitIndex, shard_location
+from msaflow.pipeline.training.distributed import to_device  # dtypes kept: uint8 crops stay uint8
 from msaflow.tario import TarWriter, atomic_path, write_json_atomic
 
 DURATION, FPS, STEPS_PER_S, SAMPLE_RATE = 3.0, 25, 100, 16000
@@ -164,13 +166,6 @@ def read_json(path: Path) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Every tensor of the batch on `device`, dtypes kept (uint8 faces stay uint8); other values as they are."""
-    if device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def tensor_bytes(batch: dict) -> int:
@@ -380,8 +375,7 @@ def pick_device(name: str) -> torch.device:
 
 def machine(device: torch.device) -> dict:
     return {"node": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "cpus_usable": usable_cores(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
